@@ -1,0 +1,47 @@
+"""Kernel registry: pure functions selected by name, never nn.Modules.
+
+Every op has a slow ``reference`` implementation (in ``reference.py``) that tests compare the fast
+ones against, outputs and gradients. Layers pick an implementation by name through ``get(op, impl)``;
+an unknown op or impl raises ``ValueError`` listing the valid names.
+
+Ops registered here:
+    grouped_linear(x_sorted (N, in), weight (E, out, in), counts (E,)) -> (N, out)
+    head_sparse_attention(q (B, H, T, D), k, v (B, Hkv, T, D), active (B, T, H) bool) -> (B, T, H, D)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+_REGISTRY: dict[str, dict[str, Callable]] = {}
+
+
+def register(op: str, impl: str) -> Callable[[Callable], Callable]:
+    """Decorator that registers ``fn`` as implementation ``impl`` of ``op`` (done once, at import)."""
+
+    def wrap(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[impl] = fn
+        return fn
+
+    return wrap
+
+
+def available(op: str) -> list[str]:
+    """Names of the implementations of ``op``."""
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown kernel op {op!r}; valid ops: {sorted(_REGISTRY)}")
+    return sorted(_REGISTRY[op])
+
+
+def get(op: str, impl: str = "auto") -> Callable:
+    """Return implementation ``impl`` of ``op``. ``auto`` is the op's default fast path."""
+    impls = _REGISTRY.get(op)
+    if impls is None:
+        raise ValueError(f"unknown kernel op {op!r}; valid ops: {sorted(_REGISTRY)}")
+    if impl not in impls:
+        raise ValueError(f"unknown implementation {impl!r} for {op!r}; valid: {sorted(impls)}")
+    return impls[impl]
+
+
+# Registration happens on import of these modules (they only define functions).
+from . import grouped, head_sparse, reference  # noqa: E402,F401

@@ -1,0 +1,27 @@
+"""Causal scaled-dot-product attention with a query offset (for KV-cached decoding).
+
+Legend: B batch, H query heads, Hkv KV heads, Tq queries, Tk keys, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_sdpa(q_BHQD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+    """Queries sit at positions ``q_offset .. q_offset+Tq-1``; keys at ``0 .. Tk-1``; query i sees key j <= i.
+
+    SDPA's ``is_causal`` aligns the mask top-left, which is only right when Tq == Tk, so other
+    cases get an explicit mask (or none for a single query that sees every key). GQA is native
+    (``enable_gqa``): query head h reads KV head h // (H / Hkv).
+    """
+    Tq, Tk = q_BHQD.shape[2], k_BKTD.shape[2]
+    gqa = q_BHQD.shape[1] != k_BKTD.shape[1]
+    if q_offset == 0 and Tq == Tk:
+        return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, is_causal=True, enable_gqa=gqa)
+    if Tq == 1 and q_offset == Tk - 1:
+        return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, enable_gqa=gqa)
+    q_pos = torch.arange(q_offset, q_offset + Tq, device=q_BHQD.device)
+    mask_QT = q_pos[:, None] >= torch.arange(Tk, device=q_BHQD.device)[None, :]
+    return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, attn_mask=mask_QT, enable_gqa=gqa)
