@@ -48,7 +48,7 @@ class _SoftMixture(nn.Module):
             raise ValueError(f"BAM needs num_experts >= 1, got {num_experts}")
         self.attn_cfg = attn
         self.router = Router(attn.hidden_dim, RouterConfig(num_experts=num_experts, top_k=num_experts))
-        H, Hkv, D, d = attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.hidden_dim
+        H, D, d = attn.num_heads, attn.head_dim, attn.hidden_dim
         self.q_proj = _expert_param(num_experts, H * D, d)
         self.o_proj = _expert_param(num_experts, d, H * D)
 
