@@ -104,3 +104,33 @@ def routing_fluctuation(top1_before: torch.Tensor, top1_after: torch.Tensor) -> 
     if top1_before.shape != top1_after.shape:
         raise ValueError(f"top-1 shapes differ: {tuple(top1_before.shape)} vs {tuple(top1_after.shape)}")
     return float((top1_before != top1_after).float().mean())
+
+
+def aux_loss(
+    routers: list[tuple[str, RouterOutput]],
+    balance: str = "switch",
+    balance_coef: float = 0.01,
+    z_coef: float = 0.001,
+    buffer: BalanceBuffer | None = None,
+) -> torch.Tensor:
+    """Sum over routers of balance_coef * balance + z_coef * z-loss (JetMoE sums over layers).
+
+    ``balance``: switch | sequence | global (needs ``buffer``) | none. Returns a scalar tensor.
+    """
+    if not routers:
+        return torch.zeros(())
+    total = torch.zeros((), device=routers[0][1].logits.device)
+    for name, r in routers:
+        if balance == "switch":
+            total = total + balance_coef * switch_loss(r)
+        elif balance == "sequence":
+            total = total + balance_coef * sequence_balance_loss(r)
+        elif balance == "global":
+            if buffer is None:
+                raise ValueError("global balance needs a BalanceBuffer")
+            total = total + balance_coef * buffer.loss(name, r)
+        elif balance != "none":
+            raise ValueError(f"balance={balance!r} is not one of switch, sequence, global, none")
+        if z_coef:
+            total = total + z_coef * z_loss(r)
+    return total

@@ -1,0 +1,162 @@
+"""``MixtureConfig``: one frozen dataclass describing a Llama-style decoder whose layers each pick
+an attention (dense, MoH, MoA, BAM) and an FFN (dense, MoE), plus named ``PRESETS``.
+
+Configs round-trip through JSON (``to_dict`` / ``from_dict``); unknown keys and bad values raise
+``ValueError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, replace
+
+from ..layers.attention import AttentionConfig
+from ..layers.moa import MoAConfig
+from ..layers.moe import MoEConfig
+from ..layers.moh import MoHConfig
+from ..layers.routers import RouterConfig
+
+ATTENTIONS = ("dense", "moh", "moa", "bam", "bam_kv")
+FFNS = ("dense", "moe")
+BLOCKS = ("sequential", "parallel")
+BALANCES = ("switch", "sequence", "global", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixtureConfig:
+    vocab_size: int = 256  # byte-level tokenizer by default
+    hidden_dim: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 64
+    ffn_dim: int = 683  # dense SwiGLU width (Llama's 8/3 x hidden)
+    max_seq_len: int = 2048  # longest position the model is meant for (RoPE has no hard limit)
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF layout, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    qk_norm: str = "none"  # "none" | "rms"
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    attention: str | tuple[str, ...] = "dense"  # one kind for all layers, or one per layer
+    ffn: str | tuple[str, ...] = "dense"  # "dense" | "moe", or one per layer
+    block: str = "sequential"  # "parallel": x + attn(n(x)) + ffn(n(x)) (GPT-J / PaLM / BAM)
+    moh: MoHConfig = field(default_factory=lambda: MoHConfig(shared_heads=2, top_k=1))
+    moa: MoAConfig = field(default_factory=MoAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    bam_experts: int = 2  # soft attention experts per BAM layer
+    balance: str = "switch"  # switch | sequence | global (buffered over accumulation) | none
+    balance_coef: float = 0.01  # JetMoE / MoH beta
+    z_coef: float = 0.001  # ST-MoE z-loss
+    init_std: float = 0.02  # embedding init
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
+        for name, valid in (("attention", ATTENTIONS), ("ffn", FFNS)):
+            value = getattr(self, name)
+            kinds = (value,) if isinstance(value, str) else tuple(value)
+            if not isinstance(value, str) and len(kinds) != self.num_layers:
+                raise ValueError(f"config {name} lists {len(kinds)} layers but num_layers={self.num_layers}")
+            bad = [k for k in kinds if k not in valid]
+            if bad:
+                raise ValueError(f"config {name}={bad[0]!r} is not one of {valid}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"config block={self.block!r} is not one of {BLOCKS}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"config balance={self.balance!r} is not one of {BALANCES}")
+        self.attention_config()  # validates the head geometry
+
+    def attention_at(self, layer: int) -> str:
+        return self.attention if isinstance(self.attention, str) else self.attention[layer]
+
+    def ffn_at(self, layer: int) -> str:
+        return self.ffn if isinstance(self.ffn, str) else self.ffn[layer]
+
+    def attention_config(self) -> AttentionConfig:
+        return AttentionConfig(
+            hidden_dim=self.hidden_dim,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            qk_norm=self.qk_norm,
+            bias=self.attention_bias,
+            norm_eps=self.norm_eps,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MixtureConfig:
+        return _build(cls, data, "config")
+
+
+def _build(cls, data: dict, where: str):
+    """Rebuild a (nested) frozen dataclass from JSON data, naming any unknown key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown key {where}.{unknown[0]} (valid: {sorted(names)})")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = _build(hint, value, f"{where}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _router(E: int, k: int, **kw) -> RouterConfig:
+    return RouterConfig(num_experts=E, top_k=k, **kw)
+
+
+_TINY = MixtureConfig(
+    hidden_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=128, max_seq_len=256,
+    moh=MoHConfig(shared_heads=1, top_k=1),
+    moa=MoAConfig(router=_router(4, 2, gate_norm="softmax_topk")),
+    moe=MoEConfig(router=_router(4, 2, gate_norm="renorm"), expert_ffn_dim=64),
+)  # fmt: skip
+# small: ~11M parameters dense; 8 heads of 48 so MoH can run 50% (2 shared + 2 of 6) and 75% (4 + 2 of 4)
+_SMALL = MixtureConfig(
+    hidden_dim=384, num_layers=6, num_heads=8, num_kv_heads=8, head_dim=48, ffn_dim=1024, max_seq_len=512,
+    moh=MoHConfig(shared_heads=2, top_k=2),
+    # 4 KV heads x top-2 experts = 8 active query heads, like the dense model
+    moa=MoAConfig(router=_router(8, 2, gate_norm="softmax_topk")),
+    # 8 experts of half the dense width, top-2: the same active FFN compute as dense
+    moe=MoEConfig(router=_router(8, 2, gate_norm="renorm"), expert_ffn_dim=512),
+)  # fmt: skip
+
+
+def _variants(base: MixtureConfig, prefix: str) -> dict[str, MixtureConfig]:
+    H = base.num_heads
+    return {
+        prefix: base,
+        f"{prefix}-moh": replace(base, attention="moh"),
+        f"{prefix}-moh75": replace(base, attention="moh", moh=MoHConfig(shared_heads=H // 2, top_k=H // 4)),
+        f"{prefix}-moa": replace(base, attention="moa", num_kv_heads=H // 2),
+        f"{prefix}-moe": replace(base, ffn="moe"),
+        f"{prefix}-moa-moe": replace(base, attention="moa", num_kv_heads=H // 2, ffn="moe"),
+        f"{prefix}-bam": replace(base, attention="bam", ffn="moe", block="parallel",
+                                 moe=replace(base.moe, router=_router(base.moe.num_experts, 1))),
+    }  # fmt: skip
+
+
+PRESETS: dict[str, MixtureConfig] = {**_variants(_TINY, "tiny"), **_variants(_SMALL, "small")}
+
+
+def from_name(name: str) -> MixtureConfig:
+    """A preset by name; unknown names list the valid ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,200 @@
+"""``MixtureLM``: a Llama-style decoder (RMSNorm, RoPE, SwiGLU, optional tied embeddings) whose
+layers each take the attention and FFN named by ``MixtureConfig``.
+
+Legend: B batch, T tokens, V vocab, d hidden dim, L layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..layers.attention import Attention, AttnContext, RotaryEmbedding
+from ..layers.bam import BAMAttention, BAMSharedKVAttention
+from ..layers.cache import KVCache
+from ..layers.losses import BalanceBuffer, aux_loss
+from ..layers.moa import MoAAttention
+from ..layers.moe import MoE
+from ..layers.moh import MoHAttention
+from ..layers.norm import RMSNorm, SwiGLU
+from ..layers.routers import RouterOutput
+from .config import MixtureConfig
+
+
+@dataclass
+class ModelOutput:
+    """logits (B, T, V); aux_loss scalar (balance + z, with the config's coefficients); stats:
+    per-layer expert load and active-head fraction; routers: (name, RouterOutput) per routed layer."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    stats: dict = field(default_factory=dict)
+    routers: list[tuple[str, RouterOutput]] = field(default_factory=list)
+
+
+def build_attention(cfg: MixtureConfig, kind: str) -> nn.Module:
+    acfg = cfg.attention_config()
+    if kind == "dense":
+        return Attention(acfg)
+    if kind == "moh":
+        return MoHAttention(acfg, cfg.moh)
+    if kind == "moa":
+        return MoAAttention(acfg, cfg.moa)
+    if kind == "bam":
+        return BAMAttention(acfg, cfg.bam_experts)
+    return BAMSharedKVAttention(acfg, cfg.bam_experts)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block, sequential (Llama) or parallel (GPT-J / BAM)."""
+
+    def __init__(self, cfg: MixtureConfig, layer: int):
+        super().__init__()
+        self.parallel = cfg.block == "parallel"
+        self.attn_norm = RMSNorm(cfg.hidden_dim, cfg.norm_eps)
+        self.attn = build_attention(cfg, cfg.attention_at(layer))
+        self.ffn_norm = None if self.parallel else RMSNorm(cfg.hidden_dim, cfg.norm_eps)
+        self.ffn = MoE(cfg.hidden_dim, cfg.ffn_dim, cfg.moe) if cfg.ffn_at(layer) == "moe" else SwiGLU(
+            cfg.hidden_dim, cfg.ffn_dim
+        )
+
+    def _ffn(self, h: torch.Tensor, ctx: AttnContext, graph_qk):
+        if isinstance(self.ffn, MoE):
+            out = self.ffn(h, ctx, graph_qk)
+            return out.y, out.router
+        return self.ffn(h), None
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext):
+        h = self.attn_norm(x)
+        a = self.attn(h, ctx)
+        if self.parallel:
+            f, fr = self._ffn(h, ctx, a.graph_qk)
+            return x + a.y + f, a.router, fr
+        x = x + a.y
+        f, fr = self._ffn(self.ffn_norm(x), ctx, a.graph_qk)
+        return x + f, a.router, fr
+
+
+class MixtureLM(nn.Module):
+    """Decoder LM. forward(input_ids (B, T)) -> ModelOutput with logits (B, T, V)."""
+
+    def __init__(self, cfg: MixtureConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_dim)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def new_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: list[KVCache] | None = None,
+        start_pos: int = 0,
+        balance_buffer: BalanceBuffer | None = None,
+    ) -> ModelOutput:
+        """Args:
+        input_ids: (B, T) token ids at positions ``start_pos .. start_pos+T-1``.
+        cache: from ``new_cache()``, for incremental decoding (filled in place).
+        balance_buffer: count buffer for ``balance="global"`` (owned by the training loop).
+        """
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be (batch, tokens) integers, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        if input_ids.numel() and int(input_ids.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"token id {int(input_ids.max())} >= vocab_size {self.cfg.vocab_size}")
+        B, T = input_ids.shape
+        cos, sin = self.rope(torch.arange(start_pos, start_pos + T, device=input_ids.device))
+        x = self.embed(input_ids)
+        routers: list[tuple[str, RouterOutput]] = []
+        for i, layer in enumerate(self.layers):
+            ctx = AttnContext(cos.to(x.dtype), sin.to(x.dtype), start_pos, cache[i] if cache is not None else None)
+            x, ar, fr = layer(x, ctx)
+            routers += [(f"layers.{i}.{part}", r) for part, r in (("attn", ar), ("ffn", fr)) if r is not None]
+        logits = self.lm_head(self.norm(x))
+        cfg = self.cfg
+        aux = aux_loss(routers, cfg.balance, cfg.balance_coef, cfg.z_coef, balance_buffer).to(logits.device)
+        return ModelOutput(logits, aux, self._stats(routers), routers)
+
+    def _stats(self, routers) -> dict:
+        stats: dict = {}
+        fractions = []
+        for name, r in routers:
+            counts = r.counts().detach()
+            stats[f"{name}.load"] = counts / counts.sum().clamp_min(1)
+            layer = self.layers[int(name.split(".")[1])]
+            if name.endswith(".attn") and isinstance(layer.attn, MoHAttention):
+                fractions.append(layer.attn.moh.active_fraction(self.cfg.num_heads))
+        if fractions:
+            stats["active_head_fraction"] = sum(fractions) / len(fractions)
+        return stats
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        stop_tokens: tuple[int, ...] = (),
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation. input_ids (B, T) -> (B, T + n), n <= max_new_tokens;
+        stops early once every row has produced a stop token (rows that stopped are padded with it)."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        was_training = self.training
+        self.eval()
+        cache = self.new_cache() if use_cache else None
+        seq, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        logits = self(seq, cache).logits[:, -1]
+        for _ in range(max_new_tokens):
+            nxt = _sample(logits, temperature, top_k, generator)
+            if stop_tokens:
+                nxt = torch.where(done, torch.full_like(nxt, stop_tokens[0]), nxt)
+                done |= torch.isin(nxt, torch.tensor(stop_tokens, device=nxt.device))
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            if stop_tokens and bool(done.all()):
+                break
+            if use_cache:
+                logits = self(nxt[:, None], cache, start_pos=seq.shape[1] - 1).logits[:, -1]
+            else:
+                logits = self(seq).logits[:, -1]
+        self.train(was_training)
+        return seq
+
+
+def _sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits_BV.argmax(-1)
+    logits_BV = logits_BV.float() / temperature
+    if top_k:
+        kth = logits_BV.topk(min(top_k, logits_BV.shape[-1])).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits_BV, -1), 1, generator=generator).squeeze(1)
+
+
+def count_parameters(model: MixtureLM) -> tuple[int, int]:
+    """(total, active per token). Routed experts count K/E of their weights; MoH counts the active
+    fraction of its q/o projections (K/V are computed for every head); BAM is soft, so all active."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0.0
+    for layer in model.layers:
+        for mod in (layer.attn, layer.ffn):
+            if isinstance(mod, (MoE, MoAAttention)):
+                E, K = mod.router.cfg.num_experts, mod.router.cfg.top_k
+                expert = mod.input_linear.weight.numel() + mod.output_linear.weight.numel()
+                inactive += expert * (1 - K / E)
+            elif isinstance(mod, MoHAttention):
+                frac = mod.moh.active_fraction(mod.cfg.num_heads)
+                inactive += (mod.q_proj.weight.numel() + mod.o_proj.weight.numel()) * (1 - frac)
+    return total, int(total - inactive)
