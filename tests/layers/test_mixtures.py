@@ -141,7 +141,7 @@ def test_moh_gather_matches_mask_after_compute_reference(scoring, shared):
     cfg = _attn_cfg(H=6, Hkv=3)
     fast = MoHAttention(cfg, MoHConfig(shared_heads=shared, top_k=2, scoring=scoring))
     ref = MoHAttention(cfg, MoHConfig(shared_heads=shared, top_k=2, scoring=scoring, impl="reference"))
-    for lin in (fast.head_router.proj, fast.shared_router, fast.mix_router):
+    for lin in (fast.router.proj, fast.shared_router, fast.mix_router):
         if lin is not None:
             torch.nn.init.normal_(lin.weight)
     ref.load_state_dict(fast.state_dict())

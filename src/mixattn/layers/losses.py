@@ -115,7 +115,7 @@ def aux_loss(
 ) -> torch.Tensor:
     """Sum over routers of balance_coef * balance + z_coef * z-loss (JetMoE sums over layers).
 
-    ``balance``: switch | sequence | global (needs ``buffer``) | none. Returns a scalar tensor.
+    ``balance``: switch | sequence | global (counts from ``buffer`` when given) | none. Returns a scalar.
     """
     if not routers:
         return torch.zeros(())
@@ -125,10 +125,9 @@ def aux_loss(
             total = total + balance_coef * switch_loss(r)
         elif balance == "sequence":
             total = total + balance_coef * sequence_balance_loss(r)
-        elif balance == "global":
-            if buffer is None:
-                raise ValueError("global balance needs a BalanceBuffer")
-            total = total + balance_coef * buffer.loss(name, r)
+        elif balance == "global":  # without a buffer (eval, generate): this batch's counts, all ranks
+            loss = buffer.loss(name, r) if buffer is not None else global_balance_loss(r, synced_counts(r))
+            total = total + balance_coef * loss
         elif balance != "none":
             raise ValueError(f"balance={balance!r} is not one of switch, sequence, global, none")
         if z_coef:

@@ -63,7 +63,7 @@ class MoHAttention(Attention):
         kernels.get("head_sparse_attention", cfg.impl)
         self.moh = cfg
         learned, mha = cfg.scoring == "learned", cfg.gate_scale == "mha"
-        self.head_router = Router(
+        self.router = Router(
             attn.hidden_dim,
             RouterConfig(
                 num_experts=Hr,
@@ -78,7 +78,7 @@ class MoHAttention(Attention):
         self.shared_router = nn.Linear(attn.hidden_dim, Hs, bias=False) if two_stage else None  # W_s
         self.mix_router = nn.Linear(attn.hidden_dim, 2, bias=False) if two_stage else None  # W_h
         if mha:
-            for lin in (self.head_router.proj, self.shared_router, self.mix_router):
+            for lin in (self.router.proj, self.shared_router, self.mix_router):
                 if lin is not None:
                     nn.init.zeros_(lin.weight)
 
@@ -89,7 +89,7 @@ class MoHAttention(Attention):
         logits = None
         if self.moh.scoring == "query_norm":
             logits = query_norm_logits(q_raw_BHTD[:, Hs:].permute(0, 2, 1, 3).reshape(N, H - Hs, -1))
-        r = self.head_router(x_BTd, logits_NE=logits)
+        r = self.router(x_BTd, logits_NE=logits)
         routed_NH = torch.zeros_like(r.probs).scatter(1, r.indices, r.weights)  # (N, Hr)
         active_NH = torch.cat([r.mask.new_ones(N, Hs), r.mask], dim=1)
         if self.shared_router is None:

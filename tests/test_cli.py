@@ -1,0 +1,50 @@
+import subprocess
+import sys
+
+import pytest
+
+from mixattn.cli import build_parser, main
+
+COMMANDS = ["train", "generate", "compare", "presets"]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help_has_examples(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_python_dash_m_works():
+    out = subprocess.run([sys.executable, "-m", "mixattn", "--help"], capture_output=True, text=True, check=True)
+    assert "train" in out.stdout
+
+
+def test_errors_are_one_line(capsys, tmp_path):
+    assert main(["train", "--preset", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "valid presets" in err and "small-moh" in err
+    assert main(["train", "--preset", "tiny", "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.txt" in err and err.count("\n") == 0
+
+
+def test_tiny_end_to_end_train_resume_generate(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MIXATTN_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 200)
+    out = tmp_path / "run"
+    common = ["--corpus", str(corpus), "--steps", "6", "--batch-size", "2", "--seq-len", "32",
+              "--eval-every", "3", "--eval-batches", "1", "--out", str(out)]  # fmt: skip
+    assert main(["train", "--preset", "tiny-moa", "--stop-at", "3", *common]) == 0
+    assert main(["train", "--resume", *common]) == 0
+    assert '"step": 6' in capsys.readouterr().out
+    assert main(["generate", str(out / "checkpoint"), "--prompt", "To be", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("To be")
+    assert main(["train", "--init", str(out / "checkpoint"), "--set", "moa.router.top_k=1", *common[:-1],
+                 str(tmp_path / "run2")]) == 0  # fmt: skip
+
+
+def test_parser_lists_every_command():
+    assert set(COMMANDS) <= set(build_parser()._subparsers._group_actions[0].choices)
