@@ -79,20 +79,20 @@ def bench_moh(T, H, D, shared, topk, repeats):
     active = torch.zeros(1, T, routed, dtype=torch.bool).scatter_(2, scores.topk(topk, -1).indices, True)
     sparse = kernels.get("head_sparse_attention", "gather")
     ref = kernels.get("head_sparse_attention", "reference")
-    torch.testing.assert_close(sparse(q[:, shared:], k[:, shared:], v[:, shared:], active),
-                               ref(q[:, shared:], k[:, shared:], v[:, shared:], active), atol=1e-5, rtol=1e-5)  # fmt: skip
+    qr, kr, vr = q[:, shared:], k[:, shared:], v[:, shared:]
+    torch.testing.assert_close(sparse(qr, kr, vr, active), ref(qr, kr, vr, active), atol=1e-5, rtol=1e-5)
 
     def moh():
         causal_sdpa(q[:, :shared], k[:, :shared], v[:, :shared])
-        sparse(q[:, shared:], k[:, shared:], v[:, shared:], active)
+        sparse(qr, kr, vr, active)
 
     t_dense = timeit(lambda: causal_sdpa(q, k, v), repeats)
     t_moh = timeit(moh, repeats)
-    t_mask = timeit(lambda: (causal_sdpa(q[:, :shared], k[:, :shared], v[:, :shared]),
-                             ref(q[:, shared:], k[:, shared:], v[:, shared:], active)), repeats)  # fmt: skip
+    t_mask = timeit(lambda: (causal_sdpa(q[:, :shared], k[:, :shared], v[:, :shared]), ref(qr, kr, vr, active)), repeats)
     frac = (shared + topk) / H
     return [f"MoH T={T} H={H} D={D}", f"{frac:.0%} ({shared} shared + top-{topk} of {routed})",
-            f"{t_dense * 1e3:.0f}", f"{t_moh * 1e3:.0f}", f"**{t_moh / t_dense:.2f}x**", f"{t_mask / t_dense:.2f}x"]  # fmt: skip
+            f"{t_dense * 1e3:.0f}", f"{t_moh * 1e3:.0f}", f"**{t_moh / t_dense:.2f}x**",
+            f"{t_mask / t_dense:.2f}x"]  # fmt: skip
 
 
 def bench_moa(T, d, Hkv, D, E, k, repeats):
@@ -105,12 +105,10 @@ def bench_moa(T, d, Hkv, D, E, k, repeats):
     g = torch.randn(1, T, d)
     rows = []
     for mode in ("fwd", "fwd+bwd"):
-        def run(layer):
-            if mode == "fwd":
-                with torch.no_grad():
-                    return lambda: layer(x, ctx)
-            return lambda: torch.autograd.grad(layer(x, ctx).y, [x], g)
-
+        if mode == "fwd":
+            run = lambda layer: lambda: layer(x, ctx)  # noqa: E731
+        else:
+            run = lambda layer: lambda: torch.autograd.grad(layer(x, ctx).y, [x], g)  # noqa: E731
         with torch.set_grad_enabled(mode != "fwd"):
             t_dense, t_moa = timeit(run(dense), repeats), timeit(run(moa), repeats)
         rows.append([f"MoA T={T} d={d} E={E} k={k} ({Hkv * k} active q heads)", mode, f"{t_dense * 1e3:.0f}",
