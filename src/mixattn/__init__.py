@@ -7,7 +7,7 @@ Public API:
 """
 
 from .models import PRESETS, MixtureConfig, MixtureLM, ModelOutput, count_parameters, from_name
-from .train.checkpoint import save
+from .models.checkpoint import save
 from .train.data import ByteTokenizer, load_corpus
 from .train.loop import TrainConfig, train
 
@@ -22,7 +22,7 @@ def load(source) -> MixtureLM:
     """
     from pathlib import Path
 
-    from .train import checkpoint
+    from .models import checkpoint
 
     path = Path(source)
     if not path.exists():

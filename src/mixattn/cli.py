@@ -70,7 +70,7 @@ def cmd_train(a) -> int:
 
     from .models.config import apply_overrides, from_name
     from .models.decoder import MixtureLM
-    from .train import checkpoint
+    from .models import checkpoint
     from .train.data import load_corpus
     from .train.loop import train
 

@@ -9,7 +9,7 @@ import torch
 
 import mixattn
 from mixattn.models import PRESETS, MixtureLM
-from mixattn.train import checkpoint
+from mixattn.models import checkpoint
 from mixattn.train.data import ByteTokenizer, TokenData, corpus_files, load_corpus
 from mixattn.train.loop import TrainConfig, lr_at, train
 

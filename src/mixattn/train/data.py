@@ -118,7 +118,7 @@ def load_corpus(specs: list[str] | str, tokenizer=None, val_fraction: float = 0.
 def _tokenise(files, tokenizer, val_fraction, root: Path, name: str) -> None:
     from tqdm.auto import tqdm
 
-    from .checkpoint import atomic_dir
+    from ..models.checkpoint import atomic_dir
 
     dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..layers.losses import BalanceBuffer, max_vio, routing_fluctuation
 from ..models.decoder import MixtureLM, count_parameters
-from . import checkpoint
+from ..models import checkpoint
 from .data import TokenData
 
 

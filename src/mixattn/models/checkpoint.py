@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..models.config import MixtureConfig
-from ..models.decoder import MixtureLM
+from .config import MixtureConfig
+from .decoder import MixtureLM
 
 FORMAT = "mixattn/1"
 
