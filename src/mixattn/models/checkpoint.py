@@ -49,10 +49,18 @@ def atomic_dir(target: Path, write) -> Path:
     return target
 
 
-def save(model: MixtureLM, directory: str | os.PathLike, train_state: dict | None = None, extra: dict | None = None):
-    """Save ``model`` (and optionally the training state) atomically to ``directory``."""
+def save(
+    model: MixtureLM,
+    directory: str | os.PathLike,
+    train_state: dict | None = None,
+    extra: dict | None = None,
+    tokenizer=None,
+):
+    """Save ``model`` (and optionally the training state and tokenizer) atomically to ``directory``."""
 
     def write(tmp: Path):
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         meta = {"format": FORMAT, "model": model.cfg.to_dict(), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         save_file(_tensors(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})

@@ -36,6 +36,7 @@ class MixtureConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # HF layout, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
     norm_eps: float = 1e-5
+    final_norm_eps: float | None = None  # eps of the last norm if it differs (HF JetMoe: blocks fixed at 1e-6)
     tie_embeddings: bool = True
     qk_norm: str = "none"  # "none" | "rms"
     attention_bias: bool = False  # q/k/v biases (Qwen2)

@@ -86,7 +86,7 @@ class MixtureLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_dim)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_dim, cfg.norm_eps if cfg.final_norm_eps is None else cfg.final_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,26 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.hf.tokenizer import ByteTokenizer
+from ..paths import cache_dir
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".tex", ""}
-
-
-def cache_dir() -> Path:
-    """``$MIXATTN_CACHE``, else ``$XDG_CACHE_HOME/mixattn``, else ``~/.cache/mixattn``."""
-    root = os.environ.get("MIXATTN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixattn"
-    return Path(root)
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocab 256), for models trained from scratch."""
-
-    name = "bytes"
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 def _files_under(path: Path) -> list[Path]:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..layers.losses import BalanceBuffer, max_vio, routing_fluctuation
-from ..models.decoder import MixtureLM, count_parameters
 from ..models import checkpoint
+from ..models.decoder import MixtureLM, count_parameters
 from .data import TokenData
 
 

