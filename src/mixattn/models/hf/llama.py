@@ -91,7 +91,8 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, as fp32."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        hint = " (only PyTorch .bin weights found; convert them to safetensors)" if list(directory.glob("*.bin")) else ""
+        has_bin = bool(list(directory.glob("*.bin")))
+        hint = " (only PyTorch .bin weights found; convert them to safetensors)" if has_bin else ""
         raise FileNotFoundError(f"{directory}: no .safetensors weights{hint}")
     tensors = {}
     for f in files:
