@@ -28,7 +28,8 @@ class AttentionConfig:
     num_kv_heads: int
     head_dim: int
     qk_norm: str = "none"  # "none" | "rms": per-head RMSNorm on q and k before RoPE (OLMo-2, Qwen3)
-    bias: bool = False  # biases on q/k/v projections (Qwen2)
+    bias: bool = False  # biases on q/k/v projections (Qwen2, and Llama's attention_bias)
+    out_bias: bool = False  # bias on the output projection (Llama's attention_bias; not Qwen2)
     norm_eps: float = 1e-5
 
     def __post_init__(self):
@@ -127,7 +128,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, H * D, bias=cfg.bias)
         self.k_proj = nn.Linear(d, Hkv * D, bias=cfg.bias)
         self.v_proj = nn.Linear(d, Hkv * D, bias=cfg.bias)
-        self.o_proj = nn.Linear(H * D, d, bias=False)
+        self.o_proj = nn.Linear(H * D, d, bias=cfg.out_bias)
         self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm == "rms" else None
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm == "rms" else None
 

@@ -42,7 +42,7 @@ class _SoftMixture(nn.Module):
 
     def __init__(self, attn: AttentionConfig, num_experts: int):
         super().__init__()
-        if attn.bias or attn.qk_norm != "none":
+        if attn.bias or attn.out_bias or attn.qk_norm != "none":
             raise ValueError("BAM attention experts support neither q/k/v bias nor qk_norm")
         if num_experts < 1:
             raise ValueError(f"BAM needs num_experts >= 1, got {num_experts}")

@@ -39,7 +39,8 @@ class MixtureConfig:
     final_norm_eps: float | None = None  # eps of the last norm if it differs (HF JetMoe: blocks fixed at 1e-6)
     tie_embeddings: bool = True
     qk_norm: str = "none"  # "none" | "rms"
-    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    attention_bias: bool = False  # q/k/v biases (Qwen2, Llama attention_bias)
+    attention_out_bias: bool = False  # output-projection bias (Llama attention_bias)
     attention: str | tuple[str, ...] = "dense"  # one kind for all layers, or one per layer
     ffn: str | tuple[str, ...] = "dense"  # "dense" | "moe", or one per layer
     block: str = "sequential"  # "parallel": x + attn(n(x)) + ffn(n(x)) (GPT-J / PaLM / BAM)
@@ -84,6 +85,7 @@ class MixtureConfig:
             head_dim=self.head_dim,
             qk_norm=self.qk_norm,
             bias=self.attention_bias,
+            out_bias=self.attention_out_bias,
             norm_eps=self.norm_eps,
         )
 

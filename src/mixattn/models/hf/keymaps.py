@@ -19,6 +19,7 @@ LLAMA = [  # HF Llama / Mistral / Qwen2 / SmolLM
     *[(f"model.layers.{{i}}.self_attn.{p}_proj.{w}", f"layers.{{i}}.attn.{p}_proj.{w}")
       for p in "qkv" for w in ("weight", "bias")],
     ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o_proj.weight"),
+    ("model.layers.{i}.self_attn.o_proj.bias", "layers.{i}.attn.o_proj.bias"),
     ("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm.weight"),
     ("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm.weight"),
     *[(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"layers.{{i}}.ffn.{p}_proj.weight") for p in ("gate", "up", "down")],

@@ -60,12 +60,15 @@ def config_from_hf(hf: dict, source: str) -> MixtureConfig:
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", False)) or mt == "qwen2",
+            attention_out_bias=bool(hf.get("attention_bias", False)) and mt != "qwen2",
         )
     except KeyError as e:
         raise ValueError(f"{source}: config.json lacks {e.args[0]!r}") from None
 
 
 def config_to_hf(cfg: MixtureConfig) -> dict:
+    if cfg.attention_bias != cfg.attention_out_bias:
+        raise ValueError("llama export: q/k/v and output biases must both be on or off (Qwen2-style is not Llama)")
     hf = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_dim, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
