@@ -38,8 +38,9 @@ def _ids():
 LLAMA_CASES = {
     "gqa-untied": dict(num_key_value_heads=2, tie_word_embeddings=False),
     "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
-    "rope-llama3": dict(num_key_value_heads=1, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "rope-llama3": dict(num_key_value_heads=1, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
     "rope-linear": dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=500.0),
     "attention-bias": dict(num_key_value_heads=2, attention_bias=True),
 }  # fmt: skip
