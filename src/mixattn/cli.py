@@ -12,11 +12,21 @@ EXAMPLES = {
   mixattn train --preset small-moh --corpus shakespeare --steps 300 --out runs/moh
   mixattn train --preset tiny-moe --corpus stdlib --corpus my_notes/ --set moe.router.graph=similarity --out runs/g
   mixattn train --out runs/moh --resume                      # continue an interrupted run
-  mixattn train --init runs/moh/checkpoint --corpus shakespeare --steps 100 --out runs/moh2
+  mixattn train --init runs/smol-moh --corpus shakespeare --steps 50 --lr 1e-4 --out runs/smol-moh-ct
 """,
     "generate": """examples:
   mixattn generate runs/moh/checkpoint --prompt "ROMEO." --max-new-tokens 200
   mixattn generate runs/moh/checkpoint --prompt "def " --temperature 0.8 --top-k 40 --seed 1
+""",
+    "convert": """examples:
+  mixattn convert smollm2-135m --to moa --out runs/smol-moa                 # exact: k = E = G
+  mixattn convert smollm2-135m --to moa --top-k 2 --out runs/smol-moa-k2    # sparsified, then continue-train
+  mixattn convert smollm2-135m --to moh --active-fraction 0.75 --out runs/smol-moh
+  mixattn convert runs/branch-0/checkpoint runs/branch-1/checkpoint --to bam --kv shared --out runs/bam
+""",
+    "export": """examples:
+  mixattn export runs/smol --format llama --out hf/smol          # dense models
+  mixattn export runs/jet --format jetmoe --out hf/jet           # MoA + MoE models (transformers JetMoe)
 """,
     "compare": """examples:
   mixattn compare small small-moh small-moa --corpus shakespeare --steps 200 --out runs/compare
@@ -68,6 +78,7 @@ def cmd_train(a) -> int:
 
     import torch
 
+    from . import load, load_tokenizer
     from .models import checkpoint
     from .models.config import apply_overrides, from_name
     from .models.decoder import MixtureLM
@@ -75,23 +86,27 @@ def cmd_train(a) -> int:
     from .train.loop import train
 
     out = Path(a.out)
+    tokenizer = None
     if a.resume:
         cfg, _ = checkpoint.read_config(out / "checkpoint")
         saved = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
         a.corpus = a.corpus or saved.get("corpus")
+        tokenizer = load_tokenizer(out / "checkpoint")
     elif a.init:
-        cfg, _ = checkpoint.read_config(a.init)
+        init = load(a.init)  # any source mixattn.load accepts; its tokenizer comes along
+        tokenizer = load_tokenizer(a.init)
+        cfg = init.cfg
     else:
         cfg = from_name(a.preset)
     cfg = apply_overrides(cfg, _overrides(a))
     torch.manual_seed(a.seed)
     model = MixtureLM(cfg)
     if a.init:
-        checkpoint.load_weights(model, a.init)
-    data = load_corpus(a.corpus or ["shakespeare"])
+        checkpoint.load_state(model, checkpoint.model_tensors(init), a.init)
+    data = load_corpus(a.corpus or ["shakespeare"], tokenizer=tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"corpus": a.corpus or ["shakespeare"], "argv": sys.argv[1:]}))
-    summary = train(model, data, _train_config(a), out, resume=a.resume, stop_at=a.stop_at)
+    summary = train(model, data, _train_config(a), out, resume=a.resume, stop_at=a.stop_at, tokenizer=tokenizer)
     print(json.dumps(summary, indent=2))
     print(f"checkpoint: {out / 'checkpoint'}")
     return 0
@@ -100,15 +115,42 @@ def cmd_train(a) -> int:
 def cmd_generate(a) -> int:
     import torch
 
-    from . import load
-    from .train.data import ByteTokenizer
+    from . import load, load_tokenizer
 
-    model = load(a.checkpoint)
-    tok = ByteTokenizer()
+    model, tok = load(a.checkpoint), load_tokenizer(a.checkpoint)
     ids = torch.tensor([tok.encode(a.prompt)])
     gen = torch.Generator().manual_seed(a.seed)
-    out = model.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, generator=gen)
+    stop = (tok.eos_token_id,) if tok.eos_token_id is not None else ()
+    out = model.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, generator=gen,
+                         stop_tokens=stop)  # fmt: skip
     print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from . import load, load_tokenizer
+    from .convert import dense_to_moh, gqa_to_moa, upcycle_bam
+    from .models import checkpoint
+
+    if len(a.sources) > 1 and a.to != "bam":
+        raise ValueError(f"--to {a.to} takes one source model; only bam mixes several")
+    models = [load(s) for s in a.sources]
+    if a.to == "moa":
+        new = gqa_to_moa(models[0], a.top_k)
+    elif a.to == "moh":
+        new = dense_to_moh(models[0], a.active_fraction)
+    else:
+        new = upcycle_bam(models, kv=a.kv, block="parallel" if a.parallel else "sequential")
+    checkpoint.save(new, a.out, tokenizer=load_tokenizer(a.sources[0]), extra={"converted_from": a.sources})
+    print(f"{a.to} model ({sum(p.numel() for p in new.parameters()):,} params) saved to {a.out}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from . import export, load, load_tokenizer
+
+    out = export(load(a.source), a.out, format=a.format, tokenizer=load_tokenizer(a.source))
+    print(f"{a.format} checkpoint written to {out}")
     return 0
 
 
@@ -162,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int, default=0)
+
+    p = add("convert", "convert a model: dense -> MoH, GQA -> MoA (exact), N dense models -> BAM", cmd_convert)
+    p.add_argument("sources", nargs="+", help="model sources (smollm2-135m, checkpoint/HF dir, .gguf)")
+    p.add_argument("--to", required=True, choices=["moh", "moa", "bam"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--top-k", type=int, help="moa: experts per token (default: all G, exact)")
+    p.add_argument("--active-fraction", type=float, default=0.75, help="moh: share of heads active per token")
+    p.add_argument("--kv", choices=["expert", "shared"], default="expert", help="bam: per-expert or shared K/V")
+    p.add_argument("--parallel", action="store_true", help="bam: parallel attention+FFN blocks (needs training)")
+
+    p = add("export", "export a model as an HF checkpoint (llama: dense; jetmoe: MoA + MoE)", cmd_export)
+    p.add_argument("source")
+    p.add_argument("--format", required=True, choices=["llama", "jetmoe"])
+    p.add_argument("--out", required=True)
 
     p = add("compare", "train several variants with one token budget and print a comparison table", cmd_compare)
     p.add_argument("variants", nargs="+", help="preset, or label=preset[,key=value...]")

@@ -22,7 +22,8 @@ from .decoder import MixtureLM
 FORMAT = "mixattn/1"
 
 
-def _tensors(model: MixtureLM) -> dict[str, torch.Tensor]:
+def model_tensors(model: MixtureLM) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds (the tied lm_head is implied by embed.weight)."""
     state = model.state_dict()
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # shares storage with embed.weight
@@ -63,7 +64,7 @@ def save(
             tokenizer.save(tmp)
         meta = {"format": FORMAT, "model": model.cfg.to_dict(), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        save_file(_tensors(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        save_file(model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
 
@@ -106,7 +107,7 @@ def load_weights(model: MixtureLM, directory: str | os.PathLike) -> None:
 
 def load_state(model: MixtureLM, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``tensors`` into ``model``, refusing missing, unexpected or mis-shaped keys."""
-    want = _tensors(model)
+    want = model_tensors(model)
     for key in sorted(set(want) | set(tensors)):
         if key not in tensors:
             raise ValueError(f"{source}: missing tensor {key!r} (expected shape {tuple(want[key].shape)})")

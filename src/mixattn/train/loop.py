@@ -101,12 +101,14 @@ def train(
     resume: bool = False,
     stop_at: int | None = None,
     progress: bool = True,
+    tokenizer=None,
 ) -> dict:
     """Train ``model`` in place; checkpoints and metrics go to ``out_dir``.
 
     Args:
         resume: continue from ``out_dir/checkpoint`` (same step, same data order, same optimizer state).
         stop_at: stop (and checkpoint) after this many steps, as if interrupted.
+        tokenizer: saved with every checkpoint (HF tokenizers; byte-level models need none).
     Returns a summary dict (final validation loss, tokens/s, parameters, routing statistics).
     """
     from tqdm.auto import tqdm
@@ -137,7 +139,7 @@ def train(
     def save_checkpoint():
         state = {"optimizer": opt.state_dict(), "step": step, "prev_top1": prev_top1,
                  "tok_time": tok_time, "rng": torch.get_rng_state(), "train": asdict(cfg)}  # fmt: skip
-        checkpoint.save(model, ckpt_dir, train_state=state, extra={"step": step})
+        checkpoint.save(model, ckpt_dir, train_state=state, extra={"step": step}, tokenizer=tokenizer)
 
     model.train()
     try:

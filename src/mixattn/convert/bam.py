@@ -1,0 +1,98 @@
+"""BAM upcycling ("Branch-Attend-Mix", arXiv 2408.08274) and the Branch-Train-Mix workflow.
+
+From N dense models of one architecture: each model's attention becomes one soft attention expert
+(full Q/K/V/O, or own Q/O with K/V averaged), each FFN one expert of a top-1 MoE, and everything
+else (embeddings, norms, head) is averaged; routers start random.
+
+One deliberate difference from the paper: the FFN gate is binary with a straight-through gradient
+(forward weight 1, backward the router probability) instead of the raw top-1 probability, so the
+upcycled model starts from its parents' function (N identical parents reproduce the parent exactly)
+instead of scaling every FFN output by about 1/N, while the router still learns.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..layers.moe import MoEConfig
+from ..layers.routers import RouterConfig
+from ..models.decoder import MixtureLM
+from .common import require_dense
+
+KV_VARIANTS = {"expert": "bam", "shared": "bam_kv"}
+
+
+def _check_same_architecture(models: list[MixtureLM]) -> None:
+    base = models[0].cfg.to_dict()
+    for n, m in enumerate(models[1:], start=1):
+        other = m.cfg.to_dict()
+        diff = [k for k in base if base[k] != other[k]]
+        if diff:
+            raise ValueError(f"BAM needs models of one architecture: model {n} differs in {diff[0]} "
+                             f"({other[diff[0]]!r} vs {base[diff[0]]!r})")  # fmt: skip
+
+
+def upcycle_bam(models: list[MixtureLM], kv: str = "expert", block: str = "sequential", ffn_gate: str = "ste"):
+    """Mix ``models`` into one BAM model.
+
+    Args:
+        kv: "expert" (each expert keeps its K/V, one cache each) or "shared" (K/V averaged).
+        block: "sequential" keeps the parents' function; "parallel" is BAM's GPT-J block (needs training).
+        ffn_gate: "ste" (see module docstring) or "raw" (the paper's raw top-1 probability).
+    """
+    if not models:
+        raise ValueError("BAM needs at least one model")
+    if kv not in KV_VARIANTS or ffn_gate not in ("ste", "raw") or block not in ("sequential", "parallel"):
+        raise ValueError(f"kv must be one of {list(KV_VARIANTS)}, ffn_gate 'ste' or 'raw', block sequential/parallel")
+    _check_same_architecture(models)
+    cfg = models[0].cfg
+    require_dense(cfg, "BAM upcycling", ffn=True)
+    N = len(models)
+    router = RouterConfig(num_experts=N, top_k=1, gate="binary_ste" if ffn_gate == "ste" else "soft")
+    new_cfg = dataclasses.replace(cfg, attention=KV_VARIANTS[kv], bam_experts=N, ffn="moe", block=block,
+                                  moe=MoEConfig(router=router))  # fmt: skip
+    new = MixtureLM(new_cfg)
+    states = [m.state_dict() for m in models]
+    want = new.state_dict()
+    averaged = {k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]
+                if k in want and ".attn." not in k and ".ffn." not in k}  # fmt: skip
+    new.load_state_dict(averaged, strict=False)
+    stack = lambda get: torch.stack([get(m) for m in models])  # noqa: E731
+    with torch.no_grad():
+        for i, layer in enumerate(new.layers):
+            a = lambda m, i=i: m.layers[i].attn  # noqa: E731
+            f = lambda m, i=i: m.layers[i].ffn  # noqa: E731
+            layer.attn.q_proj.copy_(stack(lambda m: a(m).q_proj.weight))
+            layer.attn.o_proj.copy_(stack(lambda m: a(m).o_proj.weight))
+            if kv == "expert":
+                layer.attn.k_proj.copy_(stack(lambda m: a(m).k_proj.weight))
+                layer.attn.v_proj.copy_(stack(lambda m: a(m).v_proj.weight))
+            else:
+                layer.attn.k_proj.weight.copy_(stack(lambda m: a(m).k_proj.weight).mean(0))
+                layer.attn.v_proj.weight.copy_(stack(lambda m: a(m).v_proj.weight).mean(0))
+            layer.ffn.input_linear.weight.copy_(
+                stack(lambda m: torch.cat([f(m).gate_proj.weight, f(m).up_proj.weight]))
+            )
+            layer.ffn.output_linear.weight.copy_(stack(lambda m: f(m).down_proj.weight))
+    return new
+
+
+def branch(model: MixtureLM, corpora: list[str], train_cfg, out_dir: str | Path, tokenizer=None, progress=True):
+    """Branch-Train-Mix, phase 1-2: fine-tune one copy of ``model`` per corpus.
+
+    Returns the list of fine-tuned models; each run (checkpoint, metrics) lives in out_dir/branch-<i>.
+    """
+    from ..train.data import load_corpus
+    from ..train.loop import train
+
+    out = []
+    for i, corpus in enumerate(corpora):
+        data = load_corpus(corpus, tokenizer=tokenizer)
+        child = copy.deepcopy(model)
+        train(child, data, train_cfg, Path(out_dir) / f"branch-{i}", progress=progress, tokenizer=tokenizer)
+        out.append(child)
+    return out
