@@ -26,6 +26,11 @@ from .common import require_dense
 KV_VARIANTS = {"expert": "bam", "shared": "bam_kv"}
 
 
+def _stack(modules, name: str) -> torch.Tensor:
+    """The ``name`` Linear weights of each parent module, stacked: (N, out, in)."""
+    return torch.stack([getattr(m, name).weight for m in modules])
+
+
 def _check_same_architecture(models: list[MixtureLM]) -> None:
     base = models[0].cfg.to_dict()
     for n, m in enumerate(models[1:], start=1):
@@ -61,23 +66,21 @@ def upcycle_bam(models: list[MixtureLM], kv: str = "expert", block: str = "seque
     averaged = {k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]
                 if k in want and ".attn." not in k and ".ffn." not in k}  # fmt: skip
     new.load_state_dict(averaged, strict=False)
-    stack = lambda get: torch.stack([get(m) for m in models])  # noqa: E731
     with torch.no_grad():
         for i, layer in enumerate(new.layers):
-            a = lambda m, i=i: m.layers[i].attn  # noqa: E731
-            f = lambda m, i=i: m.layers[i].ffn  # noqa: E731
-            layer.attn.q_proj.copy_(stack(lambda m: a(m).q_proj.weight))
-            layer.attn.o_proj.copy_(stack(lambda m: a(m).o_proj.weight))
+            attns = [m.layers[i].attn for m in models]
+            ffns = [m.layers[i].ffn for m in models]
+            layer.attn.q_proj.copy_(_stack(attns, "q_proj"))
+            layer.attn.o_proj.copy_(_stack(attns, "o_proj"))
             if kv == "expert":
-                layer.attn.k_proj.copy_(stack(lambda m: a(m).k_proj.weight))
-                layer.attn.v_proj.copy_(stack(lambda m: a(m).v_proj.weight))
-            else:
-                layer.attn.k_proj.weight.copy_(stack(lambda m: a(m).k_proj.weight).mean(0))
-                layer.attn.v_proj.weight.copy_(stack(lambda m: a(m).v_proj.weight).mean(0))
-            layer.ffn.input_linear.weight.copy_(
-                stack(lambda m: torch.cat([f(m).gate_proj.weight, f(m).up_proj.weight]))
-            )
-            layer.ffn.output_linear.weight.copy_(stack(lambda m: f(m).down_proj.weight))
+                layer.attn.k_proj.copy_(_stack(attns, "k_proj"))
+                layer.attn.v_proj.copy_(_stack(attns, "v_proj"))
+            else:  # shared K/V: a non-expert parameter, so averaged like the rest
+                layer.attn.k_proj.weight.copy_(_stack(attns, "k_proj").mean(0))
+                layer.attn.v_proj.weight.copy_(_stack(attns, "v_proj").mean(0))
+            gate_up = torch.cat([_stack(ffns, "gate_proj"), _stack(ffns, "up_proj")], dim=1)  # (N, 2f, d)
+            layer.ffn.input_linear.weight.copy_(gate_up)
+            layer.ffn.output_linear.weight.copy_(_stack(ffns, "down_proj"))
     return new
 
 
