@@ -22,7 +22,7 @@ EXAMPLES = {
   mixattn convert smollm2-135m --to moa --out runs/smol-moa                 # exact: k = E = G
   mixattn convert smollm2-135m --to moa --top-k 2 --out runs/smol-moa-k2    # sparsified, then continue-train
   mixattn convert smollm2-135m --to moh --active-fraction 0.75 --out runs/smol-moh
-  mixattn convert runs/branch-0/checkpoint runs/branch-1/checkpoint --to bam --kv shared --out runs/bam
+  mixattn convert runs/branch-0/checkpoint runs/branch-1/checkpoint --to bam --attention shared-kv --out runs/bam
 """,
     "export": """examples:
   mixattn export runs/smol --format llama --out hf/smol          # dense models
@@ -140,7 +140,8 @@ def cmd_convert(a) -> int:
     elif a.to == "moh":
         new = dense_to_moh(models[0], a.active_fraction)
     else:
-        new = upcycle_bam(models, kv=a.kv, block="parallel" if a.parallel else "sequential")
+        block = "parallel" if a.parallel else "sequential"
+        new = upcycle_bam(models, attention=a.attention.replace("-", "_"), block=block)
     checkpoint.save(new, a.out, tokenizer=load_tokenizer(a.sources[0]), extra={"converted_from": a.sources})
     print(f"{a.to} model ({sum(p.numel() for p in new.parameters()):,} params) saved to {a.out}")
     return 0
@@ -211,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--top-k", type=int, help="moa: experts per token (default: all G, exact)")
     p.add_argument("--active-fraction", type=float, default=0.75, help="moh: share of heads active per token")
-    p.add_argument("--kv", choices=["expert", "shared"], default="expert", help="bam: per-expert or shared K/V")
+    p.add_argument("--attention", choices=["experts", "shared-kv", "averaged"], default="experts",
+                   help="bam: full attention experts, experts sharing K/V, or averaged attention (BTX)")  # fmt: skip
     p.add_argument("--parallel", action="store_true", help="bam: parallel attention+FFN blocks (needs training)")
 
     p = add("export", "export a model as an HF checkpoint (llama: dense; jetmoe: MoA + MoE)", cmd_export)

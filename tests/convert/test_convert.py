@@ -57,11 +57,11 @@ def test_dense_to_moh_all_heads_is_exact_and_fraction_matches():
         dense_to_moh(dense, active_fraction=0.5)
 
 
-@pytest.mark.parametrize("kv", ["expert", "shared"])
-def test_bam_from_identical_models_equals_parent(kv):
+@pytest.mark.parametrize("attention,kind", [("experts", "bam"), ("shared_kv", "bam_kv"), ("averaged", "dense")])
+def test_bam_from_identical_models_equals_parent(attention, kind):
     dense, _ = _llama()
-    bam = upcycle_bam([dense, dense, dense], kv=kv)
-    assert bam.cfg.attention == ("bam" if kv == "expert" else "bam_kv") and bam.cfg.moe.num_experts == 3
+    bam = upcycle_bam([dense, dense, dense], attention=attention)
+    assert bam.cfg.attention == kind and bam.cfg.moe.num_experts == 3
     with torch.no_grad():
         torch.testing.assert_close(bam(IDS).logits, dense(IDS).logits, atol=1e-5, rtol=1e-5)
 
@@ -69,7 +69,7 @@ def test_bam_from_identical_models_equals_parent(kv):
 def test_bam_from_different_models_averages_the_rest_and_trains():
     a, _ = _llama(seed=0)
     b, _ = _llama(seed=1)
-    bam = upcycle_bam([a, b], kv="expert")
+    bam = upcycle_bam([a, b])
     torch.testing.assert_close(bam.embed.weight, (a.embed.weight + b.embed.weight) / 2)
     torch.testing.assert_close(bam.layers[1].attn.q_proj[1], b.layers[1].attn.q_proj.weight)
     out = bam(IDS)

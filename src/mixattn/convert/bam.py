@@ -2,7 +2,8 @@
 
 From N dense models of one architecture: each model's attention becomes one soft attention expert
 (full Q/K/V/O, or own Q/O with K/V averaged), each FFN one expert of a top-1 MoE, and everything
-else (embeddings, norms, head) is averaged; routers start random.
+else (embeddings, norms, head) is averaged; routers start random. ``attention="averaged"`` gives
+the BTX baseline (Sukhbaatar et al. 2024): attention averaged too, only the FFNs become experts.
 
 One deliberate difference from the paper: the FFN gate is binary with a straight-through gradient
 (forward weight 1, backward the router probability) instead of the raw top-1 probability, so the
@@ -23,7 +24,7 @@ from ..layers.routers import RouterConfig
 from ..models.decoder import MixtureLM
 from .common import require_dense
 
-KV_VARIANTS = {"expert": "bam", "shared": "bam_kv"}
+ATTENTION = {"experts": "bam", "shared_kv": "bam_kv", "averaged": "dense"}  # averaged = the BTX baseline
 
 
 def _stack(modules, name: str) -> torch.Tensor:
@@ -41,41 +42,46 @@ def _check_same_architecture(models: list[MixtureLM]) -> None:
                              f"({other[diff[0]]!r} vs {base[diff[0]]!r})")  # fmt: skip
 
 
-def upcycle_bam(models: list[MixtureLM], kv: str = "expert", block: str = "sequential", ffn_gate: str = "ste"):
+def upcycle_bam(
+    models: list[MixtureLM], attention: str = "experts", block: str = "sequential", ffn_gate: str = "ste"
+) -> MixtureLM:
     """Mix ``models`` into one BAM model.
 
     Args:
-        kv: "expert" (each expert keeps its K/V, one cache each) or "shared" (K/V averaged).
+        attention: "experts" (full Q/K/V/O experts, one KV cache each), "shared_kv" (own Q/O, K/V
+            averaged), or "averaged" (one dense attention averaged from all: Branch-Train-MiX, BTX).
         block: "sequential" keeps the parents' function; "parallel" is BAM's GPT-J block (needs training).
         ffn_gate: "ste" (see module docstring) or "raw" (the paper's raw top-1 probability).
     """
     if not models:
         raise ValueError("BAM needs at least one model")
-    if kv not in KV_VARIANTS or ffn_gate not in ("ste", "raw") or block not in ("sequential", "parallel"):
-        raise ValueError(f"kv must be one of {list(KV_VARIANTS)}, ffn_gate 'ste' or 'raw', block sequential/parallel")
+    if attention not in ATTENTION or ffn_gate not in ("ste", "raw") or block not in ("sequential", "parallel"):
+        raise ValueError(f"attention must be one of {list(ATTENTION)}, ffn_gate ste/raw, block sequential/parallel")
     _check_same_architecture(models)
     cfg = models[0].cfg
     require_dense(cfg, "BAM upcycling", ffn=True)
     N = len(models)
     router = RouterConfig(num_experts=N, top_k=1, gate="binary_ste" if ffn_gate == "ste" else "soft")
-    new_cfg = dataclasses.replace(cfg, attention=KV_VARIANTS[kv], bam_experts=N, ffn="moe", block=block,
+    new_cfg = dataclasses.replace(cfg, attention=ATTENTION[attention], bam_experts=N, ffn="moe", block=block,
                                   moe=MoEConfig(router=router))  # fmt: skip
     new = MixtureLM(new_cfg)
     states = [m.state_dict() for m in models]
     want = new.state_dict()
+    expert_parts = (".ffn.",) if attention == "averaged" else (".attn.", ".ffn.")
     averaged = {k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]
-                if k in want and ".attn." not in k and ".ffn." not in k}  # fmt: skip
+                if k in want and not any(p in k for p in expert_parts)}  # fmt: skip
     new.load_state_dict(averaged, strict=False)
     with torch.no_grad():
         for i, layer in enumerate(new.layers):
             attns = [m.layers[i].attn for m in models]
             ffns = [m.layers[i].ffn for m in models]
-            layer.attn.q_proj.copy_(_stack(attns, "q_proj"))
-            layer.attn.o_proj.copy_(_stack(attns, "o_proj"))
-            if kv == "expert":
+            if attention != "averaged":
+                layer.attn.q_proj.copy_(_stack(attns, "q_proj"))
+                layer.attn.o_proj.copy_(_stack(attns, "o_proj"))
+            if attention == "experts":
                 layer.attn.k_proj.copy_(_stack(attns, "k_proj"))
                 layer.attn.v_proj.copy_(_stack(attns, "v_proj"))
-            else:  # shared K/V: a non-expert parameter, so averaged like the rest
+            elif attention == "shared_kv":  # shared K/V: a non-expert parameter, so averaged like the rest
                 layer.attn.k_proj.weight.copy_(_stack(attns, "k_proj").mean(0))
                 layer.attn.v_proj.weight.copy_(_stack(attns, "v_proj").mean(0))
             gate_up = torch.cat([_stack(ffns, "gate_proj"), _stack(ffns, "up_proj")], dim=1)  # (N, 2f, d)
