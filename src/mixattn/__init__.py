@@ -7,6 +7,7 @@ Public API:
     train, TrainConfig, load_corpus                training on offline corpora
 """
 
+from .compress import Plan, apply_plan, remove_plan
 from .models import PRESETS, MixtureConfig, MixtureLM, ModelOutput, count_parameters, from_name
 from .models.checkpoint import save
 from .train.data import ByteTokenizer, load_corpus
@@ -49,5 +50,6 @@ def export(model: MixtureLM, directory, format: str = "llama", tokenizer=None):
 
 __all__ = [
     "PRESETS", "ByteTokenizer", "MixtureConfig", "MixtureLM", "ModelOutput", "TrainConfig", "count_parameters",
-    "export", "from_name", "load", "load_corpus", "load_tokenizer", "save", "train",
+    "Plan", "apply_plan", "export", "from_name", "load", "load_corpus", "load_tokenizer", "remove_plan", "save",
+    "train",
 ]

@@ -44,4 +44,4 @@ def get(op: str, impl: str = "auto") -> Callable:
 
 
 # Registration happens on import of these modules (they only define functions).
-from . import grouped, head_sparse, reference  # noqa: E402,F401
+from . import grouped, head_sparse, reference, sparse  # noqa: E402,F401

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels.sdpa import causal_sdpa
 from .cache import KVCache
 from .norm import RMSNorm
 from .routers import RouterOutput
+from .sparse import SparseSpec, attend
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +56,8 @@ class AttnContext:
     cos: torch.Tensor  # (T, D)
     sin: torch.Tensor  # (T, D)
     q_offset: int = 0
-    cache: KVCache | None = None
+    cache: KVCache | None = None  # or a RaggedKVCache when a sparse plan is applied
+    ref_len: int | None = None  # sparse plans: reference length N (generation: prompt + max_new_tokens)
 
 
 @dataclass
@@ -129,6 +130,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, Hkv * D, bias=cfg.bias)
         self.v_proj = nn.Linear(d, Hkv * D, bias=cfg.bias)
         self.o_proj = nn.Linear(H * D, d, bias=cfg.out_bias)
+        self.sparse: SparseSpec | None = None  # set by compress.apply_plan
         self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm == "rms" else None
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm == "rms" else None
 
@@ -140,7 +142,7 @@ class Attention(nn.Module):
         if self.k_norm is not None:
             k = self.k_norm(k)
         k = apply_rotary(k, ctx.cos, ctx.sin)
-        if ctx.cache is not None:
+        if isinstance(ctx.cache, KVCache):  # a ragged cache is written inside ``attend``
             k, v = ctx.cache.extend("k", k), ctx.cache.extend("v", v)
         return k, v
 
@@ -156,6 +158,6 @@ class Attention(nn.Module):
         B, T, _ = x_BTd.shape
         q = self.project_q(x_BTd, ctx)
         k, v = self.project_kv(x_BTd, ctx)
-        o_BHTD = causal_sdpa(q, k, v, ctx.q_offset)
+        o_BHTD = attend(q, k, v, ctx, self.sparse)
         y = self.o_proj(o_BHTD.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, d)
         return LayerOutput(y, None, (q, k))

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..kernels.sdpa import causal_sdpa
 from .attention import AttentionConfig, AttnContext, LayerOutput, apply_rotary, check_input
+from .cache import KVCache
 from .experts import ExpertLinear, combine, make_dispatch
 from .routers import Router, RouterConfig
+from .sparse import SparseSpec, attend
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +49,7 @@ class MoAAttention(nn.Module):
         self.input_linear = ExpertLinear(E, d, Hkv * D, cfg.impl)  # per-expert W_q
         self.output_linear = ExpertLinear(E, Hkv * D, d, cfg.impl)  # per-expert W_o
         self.bias = nn.Parameter(torch.zeros(d)) if cfg.bias else None
+        self.sparse: SparseSpec | None = None  # set by compress.apply_plan (one rule per shared KV head)
 
     def forward(self, x_BTd: torch.Tensor, ctx: AttnContext) -> LayerOutput:
         check_input(x_BTd, self.attn_cfg.hidden_dim, "MoAAttention")
@@ -62,10 +64,10 @@ class MoAAttention(nn.Module):
 
         k, v = self.kv_proj(x_BTd).view(B, T, 2, Hkv, D).permute(2, 0, 3, 1, 4)  # 2 x (B, Hkv, T, D)
         k = apply_rotary(k, ctx.cos, ctx.sin)
-        if ctx.cache is not None:
+        if isinstance(ctx.cache, KVCache):
             k, v = ctx.cache.extend("k", k), ctx.cache.extend("v", v)
 
-        o = causal_sdpa(q, k, v, ctx.q_offset)  # (B, Hkv*K, T, D)
+        o = attend(q, k, v, ctx, self.sparse)  # (B, Hkv*K, T, D); query head (kv, slot) reads KV head kv
         o_M = o.view(B, Hkv, K, T, D).permute(0, 3, 2, 1, 4).reshape(B * T * K, Hkv * D)[disp.order]
         y = combine(self.output_linear(o_M, disp.counts), r.weights, disp).view(B, T, d)
         if self.bias is not None:

@@ -12,7 +12,8 @@ Multi-head attention as a sum over heads, sum_i g_i H^i W_O^i, where each token 
   gradient, and shared heads have gate 1.
 
 Unselected (token, head) pairs are never computed: shared heads run as dense causal attention,
-routed heads through the ``head_sparse_attention`` kernel, which gathers each head's tokens.
+routed heads through the ``head_sparse_attention`` kernel, which gathers each head's tokens. With a
+sparse span plan applied, every head runs through the span kernel and is masked afterwards.
 
 Legend: B batch, T tokens, N = B*T, H heads (Hs shared + Hr routed), Hkv KV heads, D head dim.
 """
@@ -27,7 +28,9 @@ from torch import nn
 from .. import kernels
 from ..kernels.sdpa import causal_sdpa
 from .attention import Attention, AttentionConfig, AttnContext, LayerOutput, apply_rotary, check_input
+from .cache import RaggedKVCache
 from .routers import Router, RouterConfig, query_norm_logits
+from .sparse import attend
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +120,13 @@ class MoHAttention(Attention):
         q = apply_rotary(q_raw, ctx.cos, ctx.sin)
         k, v = self.project_kv(x_BTd, ctx)
         gates_NH, active_NH, r = self.head_gates(x_BTd, q_raw)
+        N = ctx.ref_len or ctx.q_offset + T
+        ragged = isinstance(ctx.cache, RaggedKVCache)
+        if self.sparse is not None and (ragged or not self.sparse.is_dense_at(N)):
+            # per-head spans: every head through the sparse path, then the head mask
+            o = attend(q, k, v, ctx, self.sparse).transpose(1, 2) * active_NH.view(B, T, H, 1).to(q.dtype)
+            y = self.o_proj((o * gates_NH.view(B, T, H, 1).to(q.dtype)).reshape(B, T, -1))
+            return LayerOutput(y, r, (q, k))
 
         parts = []
         if Hs:

@@ -96,8 +96,17 @@ class MixtureLM(nn.Module):
         """The ``Router`` behind a routed layer name from ``ModelOutput.routers`` ("layers.3.ffn")."""
         return self.get_submodule(name).router
 
-    def new_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+    def new_cache(self, ref_len: int | None = None) -> list:
+        """One cache per layer: a ragged per-head cache where a sparse plan is applied (sized for the
+        reference length ``ref_len`` = prompt + max_new_tokens), else a dense ``KVCache``."""
+        caches = []
+        for layer in self.layers:
+            spec = getattr(layer.attn, "sparse", None)
+            caches.append(spec.new_cache(ref_len) if spec is not None and ref_len else KVCache())
+        return caches
+
+    def kv_cache_bytes(self, cache: list) -> int:
+        return sum(c.nbytes() for c in cache)
 
     def forward(
         self,
@@ -105,11 +114,13 @@ class MixtureLM(nn.Module):
         cache: list[KVCache] | None = None,
         start_pos: int = 0,
         balance_buffer: BalanceBuffer | None = None,
+        ref_len: int | None = None,
     ) -> ModelOutput:
         """Args:
         input_ids: (B, T) token ids at positions ``start_pos .. start_pos+T-1``.
         cache: from ``new_cache()``, for incremental decoding (filled in place).
         balance_buffer: count buffer for ``balance="global"`` (owned by the training loop).
+        ref_len: reference length N for sparse plans (default: start_pos + T).
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(
@@ -122,7 +133,8 @@ class MixtureLM(nn.Module):
         x = self.embed(input_ids)
         routers: list[tuple[str, RouterOutput]] = []
         for i, layer in enumerate(self.layers):
-            ctx = AttnContext(cos.to(x.dtype), sin.to(x.dtype), start_pos, cache[i] if cache is not None else None)
+            layer_cache = cache[i] if cache is not None else None
+            ctx = AttnContext(cos.to(x.dtype), sin.to(x.dtype), start_pos, layer_cache, ref_len)
             x, ar, fr = layer(x, ctx)
             routers += [(f"layers.{i}.{part}", r) for part, r in (("attn", ar), ("ffn", fr)) if r is not None]
         logits = self.lm_head(self.norm(x))
@@ -160,9 +172,10 @@ class MixtureLM(nn.Module):
             input_ids = input_ids.unsqueeze(0)
         was_training = self.training
         self.eval()
-        cache = self.new_cache() if use_cache else None
+        N = input_ids.shape[1] + max_new_tokens  # sparse plans size spans (and caches) once, for N
+        cache = self.new_cache(N) if use_cache else None
         seq, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        logits = self(seq, cache).logits[:, -1]
+        logits = self(seq, cache, ref_len=N).logits[:, -1]
         for _ in range(max_new_tokens):
             nxt = _sample(logits, temperature, top_k, generator)
             if stop_tokens:
@@ -172,9 +185,9 @@ class MixtureLM(nn.Module):
             if stop_tokens and bool(done.all()):
                 break
             if use_cache:
-                logits = self(nxt[:, None], cache, start_pos=seq.shape[1] - 1).logits[:, -1]
+                logits = self(nxt[:, None], cache, start_pos=seq.shape[1] - 1, ref_len=N).logits[:, -1]
             else:
-                logits = self(seq).logits[:, -1]
+                logits = self(seq, ref_len=N).logits[:, -1]
         self.train(was_training)
         return seq
 

@@ -1,0 +1,34 @@
+"""Apply a sparse attention plan to a model, or remove it. Works on every attention whose heads read
+one set of K/V: dense and GQA attention, MoA attention experts (a rule per shared KV head) and MoH."""
+
+from __future__ import annotations
+
+from ..layers.attention import Attention
+from ..layers.moa import MoAAttention
+from ..layers.sparse import SparseSpec
+from ..models.decoder import MixtureLM
+from .plan import Plan
+
+
+def apply_plan(model: MixtureLM, plan: Plan, impl: str = "auto") -> MixtureLM:
+    """Attach ``plan`` to ``model`` in place (and return it). ``impl``: sparse_attention kernel name."""
+    from .. import kernels
+
+    if impl != "auto":
+        kernels.get("sparse_attention", impl)
+    plan.validate(model.cfg)
+    for i, (layer, rules) in enumerate(zip(model.layers, plan.layers)):
+        if not isinstance(layer.attn, (Attention, MoAAttention)):
+            raise ValueError(f"layer {i}: {type(layer.attn).__name__} keeps one KV cache per expert; "
+                             "sparse plans apply to dense, GQA, MoA and MoH attention")  # fmt: skip
+        layer.attn.sparse = SparseSpec(
+            tuple(r.sink for r in rules), tuple(float(r.alpha) for r in rules), tuple(float(r.beta) for r in rules), impl
+        )
+    return model
+
+
+def remove_plan(model: MixtureLM) -> MixtureLM:
+    for layer in model.layers:
+        if hasattr(layer.attn, "sparse"):
+            layer.attn.sparse = None
+    return model

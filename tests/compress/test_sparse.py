@@ -1,0 +1,188 @@
+"""Per-head sparse attention: every path against the reference, the ragged cache, apply_plan."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import mixattn
+from mixattn import kernels
+from mixattn.compress import DENSE, HeadRule, Plan, apply_plan, remove_plan
+from mixattn.layers.cache import RaggedKVCache
+from mixattn.models import PRESETS, MixtureLM
+from tests.conftest import grads
+
+CASES = [  # (B, H, Hkv, T, sinks, spans, left_pad)
+    (1, 2, 2, 37, [0, 3], [1, 5], None),  # odd length, sink 0, span 1
+    (2, 4, 2, 50, [4, 0], [7, 50], [0, 9]),  # span >= N, left padding
+    (1, 4, 1, 65, [2], [16], None),  # 4 query heads per KV head
+    (3, 6, 3, 29, [1, 5, 0], [3, 40, 2], [0, 4, 11]),  # 2 per KV head, batch 3
+]
+
+
+def _qkv(B, H, Hkv, T, D=8):
+    g = torch.Generator().manual_seed(B * 100 + T)
+    return [torch.randn(B, n, T, D, generator=g, requires_grad=True) for n in (H, Hkv, Hkv)]
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,sinks,spans,pad", CASES)
+def test_blocked_matches_reference_outputs_and_grads(B, H, Hkv, T, sinks, spans, pad):
+    q, k, v = _qkv(B, H, Hkv, T)
+    sink, span = torch.tensor(sinks), torch.tensor(spans).clamp(max=T)
+    pad = torch.tensor(pad) if pad else None
+    ref = kernels.get("sparse_attention", "reference")(q, k, v, sink, span, pad)
+    out = kernels.get("sparse_attention", "blocked")(q, k, v, sink, span, pad)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_is_the_rule():
+    """The reference equals attention computed from the rule by hand, one query at a time."""
+    q, k, v = _qkv(1, 2, 1, 12)
+    sink, span = torch.tensor([2]), torch.tensor([3])
+    out = kernels.get("sparse_attention", "reference")(q, k, v, sink, span)
+    for i in range(12):
+        keys = [j for j in range(i + 1) if j < 2 or i - j < 3]
+        s = (q[0, :, i] @ k[0, 0, keys].T) / math.sqrt(8)
+        torch.testing.assert_close(out[0, :, i], torch.softmax(s, -1) @ v[0, 0, keys])
+
+
+def test_flex_matches_reference():
+    with torch.no_grad():
+        for B, H, Hkv, T, sinks, spans, pad in CASES[1:2] + [(1, 4, 2, 200, [0, 16], [40, 1], None)]:
+            q, k, v = (t.detach() for t in _qkv(B, H, Hkv, T))
+            sink, span = torch.tensor(sinks), torch.tensor(spans).clamp(max=T)
+            pad = torch.tensor(pad) if pad else None
+            ref = kernels.get("sparse_attention", "reference")(q, k, v, sink, span, pad)
+            out = kernels.get("sparse_attention", "flex")(q, k, v, sink, span, pad)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def _random_plan(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for _ in range(cfg.num_layers):
+        heads = []
+        for _ in range(cfg.num_kv_heads):
+            heads.append(HeadRule(int(torch.randint(0, 4, (1,), generator=g)), float(torch.randint(1, 6, (1,), generator=g)),
+                                  round(float(torch.rand(1, generator=g)) * 0.3, 3)))  # fmt: skip
+        layers.append(tuple(heads))
+    return Plan(tuple(layers))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moa", "tiny-moh"])
+def test_ragged_decode_equals_full_forward_past_the_window(preset):
+    model = MixtureLM(PRESETS[preset]).eval()
+    apply_plan(model, _random_plan(model.cfg))
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    N = 40
+    with torch.no_grad():
+        full = model(ids, ref_len=N).logits
+        cache = model.new_cache(N)
+        assert all(isinstance(c, RaggedKVCache) for c in cache)
+        steps = [model(ids[:, :7], cache, ref_len=N).logits]
+        for t in range(7, 40):  # spans here are <= 17, so every circular window wraps
+            steps.append(model(ids[:, t : t + 1], cache, start_pos=t, ref_len=N).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.generate(ids[:, :9], 20), model.generate(ids[:, :9], 20, use_cache=False))
+
+
+def test_cache_bytes_are_the_sum_over_heads():
+    model = MixtureLM(PRESETS["tiny"])
+    plan = _random_plan(model.cfg, seed=3)
+    apply_plan(model, plan)
+    N, D = 64, model.cfg.head_dim
+    cache = model.new_cache(N)
+    model(torch.randint(0, 256, (1, 10)), cache, ref_len=N)
+    for layer_cache, rules in zip(cache, plan.layers):
+        want = sum(min(N, r.sink + r.span(N)) for r in rules) * D * 2 * 4
+        assert layer_cache.nbytes() == want
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moa", "tiny-moh"])
+def test_all_dense_plan_is_a_bit_exact_no_op(preset):
+    model = MixtureLM(PRESETS[preset]).eval()
+    ids = torch.randint(0, 256, (2, 33))
+    before = model(ids).logits
+    apply_plan(model, Plan.dense(model.cfg.num_layers, model.cfg.num_kv_heads))
+    assert torch.equal(model(ids).logits, before)
+    remove_plan(model)
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_apply_plan_refuses_bam_and_other_models():
+    with pytest.raises(ValueError, match="one KV cache per expert"):
+        apply_plan(MixtureLM(PRESETS["tiny-bam"]), Plan.dense(2, 2))
+    with pytest.raises(ValueError, match=r"3 layers x 2 KV heads; the model has 2 x 2"):
+        apply_plan(MixtureLM(PRESETS["tiny"]), Plan.dense(3, 2))
+
+
+# ------------------------------------------------------------------ plan file
+
+
+def test_plan_round_trip_and_semantics(tmp_path):
+    plan = Plan.uniform(4, 3, density=0.5, length=2048, sink=64, model_name="m")
+    assert abs(plan.density([2048]) - 0.5) < 0.01
+    path = plan.save(tmp_path / "p.json")
+    again = Plan.load(path)
+    assert again == plan and json.loads(path.read_text())["format"] == "mixattn-plan/1"
+    r = HeadRule(4, 10.0, 0.25)
+    assert r.span(100) == 35 and r.kept(100) == 39 and r.span(3) == 3 and HeadRule(0, 0, 0).span(9) == 1
+    assert DENSE.density(777) == 1.0
+
+
+def test_baselines():
+    duo = Plan.duo([[0.9, 0.1], [0.5, 0.2]], density=0.5, length=1024, sink=64, window=128)
+    assert duo.meta["retrieval_heads"] == 2 and duo.layers[0][0] == DENSE and duo.layers[1][0] == DENSE
+    assert abs(duo.density([1024]) - 0.5) < 0.15
+    lw = Plan.layerwise([0.2, 0.8], num_kv_heads=2, length=1000, sink=10)
+    assert lw.layers[0][0].density(1000) < lw.layers[1][0].density(1000)
+
+
+BAD = {
+    "alpha": ({"sink": 0, "alpha": -1, "beta": 0.5}, "alpha must be"),
+    "nan": ({"sink": 0, "alpha": float("nan"), "beta": 0.5}, "alpha must be"),
+    "beta": ({"sink": 0, "alpha": 1, "beta": 1.5}, r"beta must be in \[0, 1\]"),
+    "sink": ({"sink": -3, "alpha": 1, "beta": 0.5}, "sink must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_rules_are_clear_errors(case, tmp_path):
+    data = Plan.dense(2, 2).to_dict()
+    data["layers"][1]["heads"][0] = BAD[case][0]
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="layer 1 head 0: " + BAD[case][1]):
+        Plan.load(tmp_path / "p.json")
+
+
+def test_bad_files(tmp_path):
+    data = Plan.dense(2, 2).to_dict()
+    (tmp_path / "fmt.json").write_text(json.dumps({**data, "format": "moa/0"}))
+    with pytest.raises(ValueError, match="unknown plan format 'moa/0'"):
+        Plan.load(tmp_path / "fmt.json")
+    (tmp_path / "cut.json").write_text(json.dumps(data)[:50])
+    with pytest.raises(ValueError, match="cut.json: not valid JSON"):
+        Plan.load(tmp_path / "cut.json")
+    with pytest.raises(FileNotFoundError, match="no such plan"):
+        Plan.load(tmp_path / "missing.json")
+
+
+def test_failed_save_leaves_the_old_plan_intact(tmp_path):
+    path = Plan.dense(2, 2).save(tmp_path / "p.json")
+    before = path.read_text()
+    bad = Plan(Plan.dense(2, 2).layers, meta={"x": object()})  # not JSON-serialisable
+    with pytest.raises(TypeError):
+        bad.save(path)
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_summary_and_plot(tmp_path):
+    plan = Plan.duo([[0.9, 0.1, 0.3]] * 4, density=0.4, length=2048)
+    text = plan.summary()
+    assert "4 layers x 3 KV heads" in text and "distinct rules" in text
+    png = plan.plot(tmp_path / "plan.png")
+    assert png.stat().st_size > 1000
+    assert mixattn.Plan is Plan
