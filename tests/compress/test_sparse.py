@@ -66,8 +66,8 @@ def _random_plan(cfg, seed=0):
     for _ in range(cfg.num_layers):
         heads = []
         for _ in range(cfg.num_kv_heads):
-            heads.append(HeadRule(int(torch.randint(0, 4, (1,), generator=g)), float(torch.randint(1, 6, (1,), generator=g)),
-                                  round(float(torch.rand(1, generator=g)) * 0.3, 3)))  # fmt: skip
+            sink, alpha = int(torch.randint(0, 4, (1,), generator=g)), float(torch.randint(1, 6, (1,), generator=g))
+            heads.append(HeadRule(sink, alpha, round(float(torch.rand(1, generator=g)) * 0.3, 3)))
         layers.append(tuple(heads))
     return Plan(tuple(layers))
 

@@ -21,9 +21,8 @@ def apply_plan(model: MixtureLM, plan: Plan, impl: str = "auto") -> MixtureLM:
         if not isinstance(layer.attn, (Attention, MoAAttention)):
             raise ValueError(f"layer {i}: {type(layer.attn).__name__} keeps one KV cache per expert; "
                              "sparse plans apply to dense, GQA, MoA and MoH attention")  # fmt: skip
-        layer.attn.sparse = SparseSpec(
-            tuple(r.sink for r in rules), tuple(float(r.alpha) for r in rules), tuple(float(r.beta) for r in rules), impl
-        )
+        sinks, alphas, betas = zip(*((r.sink, float(r.alpha), float(r.beta)) for r in rules))
+        layer.attn.sparse = SparseSpec(sinks, alphas, betas, impl)
     return model
 
 

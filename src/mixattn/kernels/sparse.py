@@ -146,7 +146,6 @@ def flex_block_mask(T: int, sink: torch.Tensor, span: torch.Tensor, G: int, bloc
     nq = -(-T // block)
     qb = torch.arange(nq, device=device)
     sink_h, span_h = sink.repeat_interleave(G), span.repeat_interleave(G)  # per query head
-    H = sink_h.numel()
     # key blocks that can intersect sink U window for query block m: [0, sink_blocks) U [first_win, m]
     sink_blocks = (-(-sink_h // block)).clamp(max=nq)[:, None]  # (H, 1)
     first_win = ((qb[None] * block - span_h[:, None] + 1).clamp(min=0)) // block  # (H, nq)
