@@ -28,6 +28,24 @@ EXAMPLES = {
   mixattn export runs/smol --format llama --out hf/smol          # dense models
   mixattn export runs/jet --format jetmoe --out hf/jet           # MoA + MoE models (transformers JetMoe)
 """,
+    "compress": """examples:
+  mixattn compress smollm2-135m --density 0.5 --out runs/plan_0.5.json
+  mixattn compress smollm2-135m --density 0.25 --lengths 1024,2048,4096 --samples 4 --out plan.json --resume
+  mixattn compress runs/my-llama --density 0.5 --max-rules-per-layer 2 --validate-length 4096 --out plan.json
+""",
+    "eval": """examples:
+  mixattn eval smollm2-135m --plan runs/plan_0.5.json --baseline uniform:0.5 --baseline duo:0.5 --out runs/eval
+  mixattn eval smollm2-135m --plan a.json --plan b.json --tasks passkey,multikey,ppl,speed --lengths 1024,4096
+""",
+    "plan": """examples:
+  mixattn plan show runs/plan_0.5.json                    # summary + heatmap PNG next to the plan
+  mixattn plan baseline --kind uniform --density 0.5 smollm2-135m --out uniform.json
+  mixattn plan baseline --kind duo --density 0.25 smollm2-135m --out duo.json
+""",
+    "demo": """examples:
+  mixattn demo                       # the main job on the embedded smollm2-135m (make demo)
+  mixattn demo --out runs/demo2 --densities 0.5
+""",
     "compare": """examples:
   mixattn compare small small-moh small-moa --corpus shakespeare --steps 200 --out runs/compare
   mixattn compare softmax=small-moe sim=small-moe,moe.router.graph=similarity --steps 200 --out runs/routers
@@ -165,6 +183,72 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_compress(a) -> int:
+    from .compress.pipeline import compress
+
+    plan = compress(a.model, a.density, _ints(a.lengths), out=a.out, samples=a.samples,
+                    max_rules_per_layer=a.max_rules_per_layer, resume=a.resume,
+                    validate_length=a.validate_length)  # fmt: skip
+    print(plan.summary())
+    print(f"plan: {a.out} (heatmap {Path(a.out).with_suffix('.png')})")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .compress.pipeline import baseline, load_model
+    from .compress.plan import Plan
+    from .eval.suite import evaluate, write
+
+    model, tok = load_model(a.model)
+    lengths = _ints(a.lengths)
+    plans = {"dense": None}
+    for p in a.plan:
+        plans[Path(p).stem] = Plan.load(p)
+    for spec in a.baseline:
+        kind, _, d = spec.partition(":")
+        plans[f"{kind} {d}"] = baseline(a.model, kind, float(d), max(lengths), model=model, tok=tok)
+    depths = tuple(float(x) for x in a.depths.split(","))
+    res = evaluate(model, tok, plans, a.tasks.split(","), lengths, depths, a.samples, ppl_tokens=max(lengths),
+                   speed_context=max(lengths))  # fmt: skip
+    print(write(res, Path(a.out), list(plans), lengths))
+    print(f"\nresults: {a.out}/results.md, results.json, *.png")
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from .compress.pipeline import baseline
+    from .compress.plan import Plan
+
+    if a.action == "show":
+        plan = Plan.load(a.target)
+        print(plan.summary(_ints(a.lengths) if a.lengths else None))
+        png = plan.plot(a.png or Path(a.target).with_suffix(".png"), a.length)
+        print(f"heatmap: {png}")
+        return 0
+    if a.out is None or a.density is None:
+        raise ValueError("plan baseline needs --density and --out")
+    plan = baseline(a.target, a.kind, a.density, a.length or 4096)
+    plan.save(a.out)
+    print(plan.summary())
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import run
+
+    densities = tuple(float(x) for x in a.densities.split(","))
+    print(run(a.model, densities, out=a.out))
+    print(f"\nplots and JSON in {a.out}/")
+    return 0
+
+
 def cmd_presets(a) -> int:
     from .eval.report import markdown_table
     from .models.config import PRESETS
@@ -220,6 +304,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("--format", required=True, choices=["llama", "jetmoe"])
     p.add_argument("--out", required=True)
+
+    p = add("compress", "find a per-head sparse attention plan: calibrate -> profile -> optimize", cmd_compress)
+    p.add_argument("model", help="smollm2-135m, an HF Llama-family dir, a .gguf, or a mixattn checkpoint")
+    p.add_argument("--density", type=float, required=True, help="mean KV density budget at every profile length")
+    p.add_argument("--lengths", default="1024,2048", help="profile lengths (comma-separated)")
+    p.add_argument("--samples", type=int, default=2, help="calibration samples per length")
+    p.add_argument("--max-rules-per-layer", type=int)
+    p.add_argument("--validate-length", type=int, help="choose between candidate plans by loss at this length")
+    p.add_argument("--resume", action="store_true", help="reuse cached stages (calibration, partial profile)")
+    p.add_argument("--out", required=True)
+
+    p = add("eval", "evaluate plans side by side: retrieval, perplexity, speed and memory", cmd_eval)
+    p.add_argument("model")
+    p.add_argument("--plan", action="append", default=[], help="plan JSON (repeatable)")
+    p.add_argument("--baseline", action="append", default=[], metavar="KIND:DENSITY", help="uniform:0.5, duo:0.25")
+    p.add_argument("--tasks", default="passkey,ppl,speed", help="passkey,multikey,lines,passage,ppl,speed")
+    p.add_argument("--lengths", default="1024,2048,4096")
+    p.add_argument("--depths", default="0.25,0.75")
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--out", required=True)
+
+    p = add("plan", "show a plan (summary + heatmap) or build a baseline plan", cmd_plan)
+    p.add_argument("action", choices=["show", "baseline"])
+    p.add_argument("target", help="show: a plan JSON; baseline: the model")
+    p.add_argument("--kind", choices=["uniform", "duo", "dense"], default="uniform")
+    p.add_argument("--density", type=float)
+    p.add_argument("--length", type=int, help="reference length (baseline sizing; show: heatmap length)")
+    p.add_argument("--lengths", help="show: lengths for the density summary")
+    p.add_argument("--png")
+    p.add_argument("--out")
+
+    p = add("demo", "the main job: compress smollm2-135m and compare plans (what `make demo` runs)", cmd_demo)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--densities", default="0.5,0.25")
+    p.add_argument("--out", default="runs/demo")
 
     p = add("compare", "train several variants with one token budget and print a comparison table", cmd_compare)
     p.add_argument("variants", nargs="+", help="preset, or label=preset[,key=value...]")

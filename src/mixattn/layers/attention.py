@@ -131,6 +131,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, Hkv * D, bias=cfg.bias)
         self.o_proj = nn.Linear(H * D, d, bias=cfg.out_bias)
         self.sparse: SparseSpec | None = None  # set by compress.apply_plan
+        self.capture: list | None = None  # compress.profile appends (q, k, v, o) here while profiling
         self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm == "rms" else None
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm == "rms" else None
 
@@ -159,5 +160,8 @@ class Attention(nn.Module):
         q = self.project_q(x_BTd, ctx)
         k, v = self.project_kv(x_BTd, ctx)
         o_BHTD = attend(q, k, v, ctx, self.sparse)
+        if self.capture is not None:  # gradient profiling needs dL/do; q, k, v let it rebuild A per layer
+            o_BHTD.retain_grad()
+            self.capture.append((q.detach(), k.detach(), v.detach(), o_BHTD))
         y = self.o_proj(o_BHTD.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, d)
         return LayerOutput(y, None, (q, k))

@@ -1,0 +1,201 @@
+"""Gradient-based attention influence (MoA, arXiv 2406.14909 §3.2), plus two cheap head scores.
+
+For attention A (one head, rows softmax-normalised) and G = dL/dA, the first-order loss change
+when entry A[i, j] is masked and its row renormalised is
+
+    dL[i, j] = -A[i, j] * (G[i, j] - sum_k G[i, k] A[i, k]) / (1 - A[i, j]).
+
+|dL| is summed over 64 x 64 blocks, per layer and KV head (query heads of a group add up), over
+calibration samples, separately for each profile length. A is rebuilt one layer (and head) at a
+time from the captured q and k, and G = dL/do @ v^T from the attention output's gradient, so the
+peak memory is one head's T x T matrix.
+
+Cheap scores for comparison: ``mass_outside`` (attention mass outside sink + local window,
+DuoAttention/RazorAttention style) and ``induction`` (attention to the token after the previous
+occurrence on repeated random tokens, RazorAttention's retrieval heads).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..layers.attention import Attention
+
+BLOCK = 64
+SINK, LOCAL = 64, 256  # the window of the mass-outside score
+
+
+@dataclass
+class Profile:
+    lengths: tuple[int, ...]
+    influence: dict[int, torch.Tensor]  # N -> (L, Hkv, nb, nb) summed |dL| over samples
+    counts: dict[int, int]  # samples accumulated per length
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (L, Hkv)
+    done: int = 0  # calibration samples processed (resume point)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(self.__dict__, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Profile:
+        try:
+            return cls(**torch.load(path, weights_only=False))
+        except (OSError, RuntimeError, TypeError, EOFError) as e:
+            raise ValueError(f"{path}: not a readable profile ({e})") from None
+
+
+def influence(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """First-order loss change of masking each entry of A (rows of A sum to 1): same shape as A."""
+    S = (G * A).sum(-1, keepdim=True)
+    return -A * (G - S) / (1 - A).clamp_min(1e-6)
+
+
+def _attention_matrix(q_TD, k_TD) -> torch.Tensor:
+    T = q_TD.shape[0]
+    s = (q_TD @ k_TD.T) * q_TD.shape[-1] ** -0.5
+    causal = torch.ones(T, T, dtype=torch.bool, device=q_TD.device).tril()
+    return torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+def _block_sum(x_TT: torch.Tensor, nb: int) -> torch.Tensor:
+    T = x_TT.shape[0]
+    x = F.pad(x_TT, (0, nb * BLOCK - T, 0, nb * BLOCK - T))
+    return x.view(nb, BLOCK, nb, BLOCK).sum((1, 3))
+
+
+def _mass_outside(A: torch.Tensor) -> float:
+    """Mean over queries past sink+local of the attention mass outside the sink and local window."""
+    T = A.shape[0]
+    if T <= SINK + LOCAL:
+        return 0.0
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    far = (j >= SINK) & (i - j >= LOCAL)
+    return float((A * far)[SINK + LOCAL :].sum(-1).mean())
+
+
+def attention_modules(model) -> list[Attention]:
+    mods = [layer.attn for layer in model.layers]
+    if not all(type(m) is Attention for m in mods):
+        raise ValueError("profiling needs a model with dense (GQA) attention in every layer")
+    return mods
+
+
+def run(model, samples, lengths, path=None, resume: bool = False, progress: bool = True) -> Profile:
+    """Profile ``model`` on calibration ``samples``; saved to ``path`` after each sample (resumable)."""
+    mods = attention_modules(model)
+    cfg = model.cfg
+    L, Hkv, G = cfg.num_layers, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    prof = Profile(tuple(lengths), {N: torch.zeros(L, Hkv, math.ceil(N / BLOCK), math.ceil(N / BLOCK), dtype=torch.float64)
+                                    for N in lengths}, {N: 0 for N in lengths})  # fmt: skip
+    mass = torch.zeros(L, Hkv, dtype=torch.float64)
+    if resume and path is not None and Path(path).is_file():
+        prof = Profile.load(path)
+        mass = prof.scores.get("mass_outside", mass) * max(1, prof.done)
+    model.eval()
+    bar = tqdm(total=len(samples), initial=prof.done, desc="profiling (gradient influence)", disable=not progress)
+    try:
+        for s in samples[prof.done :]:
+            if s.length not in prof.influence:
+                raise ValueError(f"calibration sample of length {s.length} is not among the profile lengths {lengths}")
+            caps: list = []
+            for m in mods:
+                m.capture = caps
+            logits = model(s.ids[None]).logits[0]
+            target = s.ids[1:][s.answer_mask[:-1]]
+            loss = F.cross_entropy(logits[:-1][s.answer_mask[:-1]].float(), target)
+            loss.backward()
+            nb = prof.influence[s.length].shape[-1]
+            with torch.no_grad():
+                for layer, (q, k, v, o) in enumerate(caps):
+                    dO = o.grad
+                    for h in range(cfg.num_heads):
+                        kv = h // G
+                        A = _attention_matrix(q[0, h], k[0, kv])
+                        Gm = dO[0, h] @ v[0, kv].T  # dL/dA, since o = A v
+                        prof.influence[s.length][layer, kv] += _block_sum(influence(A, Gm).abs(), nb).double()
+                        mass[layer, kv] += _mass_outside(A) / G
+            for m in mods:
+                m.capture = None
+            model.zero_grad(set_to_none=True)
+            prof.counts[s.length] += 1
+            prof.done += 1
+            prof.scores["mass_outside"] = mass / prof.done
+            if path is not None:
+                prof.save(path)
+            bar.update(1)
+    finally:
+        for m in mods:
+            m.capture = None
+        bar.close()
+    prof.scores["induction"] = induction_scores(model)
+    if path is not None:
+        prof.save(path)
+    return prof
+
+
+@torch.no_grad()
+def induction_scores(model, n: int = 256, seed: int = 0) -> torch.Tensor:
+    """RazorAttention retrieval score: on random tokens repeated twice, the mean attention from a
+    token in the second copy to the token after its earlier occurrence. (L, Hkv), mean over the group."""
+    mods = attention_modules(model)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randint(0, cfg.vocab_size, (n,), generator=g)
+    caps: list = []
+    for m in mods:
+        m.capture = caps
+    try:
+        with torch.enable_grad():  # retain_grad in the capture hook needs a graph; nothing is backpropagated
+            model(torch.cat([r, r])[None])
+    finally:
+        for m in mods:
+            m.capture = None
+    G = cfg.num_heads // cfg.num_kv_heads
+    out = torch.zeros(cfg.num_layers, cfg.num_kv_heads)
+    i = torch.arange(n + 1, 2 * n)
+    for layer, (q, k, _, _) in enumerate(caps):
+        for h in range(cfg.num_heads):
+            A = _attention_matrix(q[0, h], k[0, h // G])
+            out[layer, h // G] += A[i, i - n + 1].mean() / G
+    return out
+
+
+@torch.no_grad()
+def mass_outside_scores(model, ids: torch.Tensor) -> torch.Tensor:
+    """The cheap DuoAttention/RazorAttention-style score on one text (T,): (L, Hkv), no backward."""
+    mods = attention_modules(model)
+    cfg = model.cfg
+    caps: list = []
+    for m in mods:
+        m.capture = caps
+    try:
+        with torch.enable_grad():
+            model(ids[None])
+    finally:
+        for m in mods:
+            m.capture = None
+    G = cfg.num_heads // cfg.num_kv_heads
+    out = torch.zeros(cfg.num_layers, cfg.num_kv_heads)
+    for layer, (q, k, _, _) in enumerate(caps):
+        for h in range(cfg.num_heads):
+            out[layer, h // G] += _mass_outside(_attention_matrix(q[0, h], k[0, h // G])) / G
+    return out

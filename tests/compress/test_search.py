@@ -1,0 +1,166 @@
+"""Plan search: the profiler's first-order estimate, the MILP, the pipeline and its errors."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mixattn
+import mixattn.layers.attention as attention_mod
+from mixattn.cli import main
+from mixattn.compress import profile as profiling
+from mixattn.compress.calibration import CalibSample
+from mixattn.compress.optimize import optimize, solve
+from mixattn.compress.plan import Plan
+from mixattn.models import PRESETS, MixtureLM
+
+
+def _tiny_double():
+    torch.manual_seed(0)
+    return MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=512)).double().eval()
+
+
+def _sample(T=40):
+    ids = torch.randint(0, 256, (T,), generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(T, dtype=torch.bool)
+    mask[-6:-1] = True
+    return ids, mask
+
+
+def _loss(model, ids, mask):
+    logits = model(ids[None]).logits[0, :-1]
+    return torch.nn.functional.cross_entropy(logits[mask[:-1]], ids[1:][mask[:-1]])
+
+
+def _with_score_bias(monkeypatch, layer, head, i, j, bias):
+    """Add ``bias`` to one attention score (layer, head, i, j); softmax then renormalises the row."""
+    calls = {"n": 0}
+    real = attention_mod.attend
+
+    def attend(q, k, v, ctx, spec):
+        n = calls["n"]
+        calls["n"] += 1
+        if n != layer:
+            return real(q, k, v, ctx, spec)
+        G = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        s = s.masked_fill(~torch.ones_like(s, dtype=torch.bool).tril(), float("-inf"))
+        s[0, head, i, j] = s[0, head, i, j] + bias
+        return torch.softmax(s, -1) @ v
+
+    monkeypatch.setattr(attention_mod, "attend", attend)
+
+
+def test_influence_matches_finite_differences(monkeypatch):
+    model = _tiny_double()
+    ids, mask = _sample()
+    caps = []
+    for layer in model.layers:
+        layer.attn.capture = caps
+    _loss(model, ids, mask).backward()
+    for layer in model.layers:
+        layer.attn.capture = None
+    L, head, i, j = 1, 1, 30, 12
+    q, k, v, o = caps[L]
+    G = model.cfg.num_heads // model.cfg.num_kv_heads
+    A = profiling._attention_matrix(q[0, head], k[0, head // G])
+    dl = profiling.influence(A, o.grad[0, head] @ v[0, head // G].T)
+    base = float(_loss(model, ids, mask))
+    eps = 1e-4  # partial masking: score + log(1 - eps) scales A[i, j] by (1 - eps) and renormalises
+    losses = {}
+    with torch.no_grad():
+        for e in (eps, -eps):
+            _with_score_bias(monkeypatch, L, head, i, j, float(np.log1p(-e)))
+            losses[e] = float(_loss(model, ids, mask))
+        _with_score_bias(monkeypatch, L, head, i, j, float("-inf"))
+        full = float(_loss(model, ids, mask)) - base
+    derivative = (losses[eps] - losses[-eps]) / (2 * eps)
+    # d L / d eps at 0 = A (S - G) = dL_formula * (1 - A): exact; full masking: first order
+    assert derivative == pytest.approx(float(dl[i, j] * (1 - A[i, j])), rel=1e-4, abs=1e-12)
+    assert full == pytest.approx(float(dl[i, j]), rel=0.2, abs=1e-6)
+
+
+def test_optimizer_respects_budgets_and_finds_known_optimum():
+    # 3 heads, rules: 0 dense (d=1), 1 half (d=.5), 2 tight (d=.1); head 0 loses a lot without dense
+    loss = np.array([[0.0, 5.0, 9.0], [0.0, 0.1, 0.2], [0.0, 0.3, 3.0]])
+    dens = np.array([[1.0, 1.0], [0.5, 0.5], [0.1, 0.15]])  # densities at two profile lengths
+    # budget 0.55 (total 1.65): dense + tight + half uses 1.6 and 1.65 -> loss 0.5 is the optimum
+    assert list(solve(loss, dens, budget=0.55)) == [0, 2, 1]
+    # budget 0.5 (total 1.5): that no longer fits at either length; best is dense + tight + tight (3.2)
+    choice = solve(loss, dens, budget=0.5)
+    assert list(choice) == [0, 2, 2]
+    assert all(dens[choice, n].mean() <= 0.5 + 1e-9 for n in range(2))
+    with pytest.raises(ValueError, match="cannot be met"):
+        solve(loss, dens, budget=0.05)
+
+
+def test_two_rules_per_layer_constraint_binds():
+    loss = np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])  # each head wants its own rule
+    dens = np.array([[0.3], [0.3], [0.3]])
+    free = solve(loss, dens, 0.5)
+    assert len(set(free)) == 3
+    bound = solve(loss, dens, 0.5, layer_of=np.zeros(3, dtype=int), max_rules_per_layer=2)
+    assert len(set(bound)) == 2 and loss[np.arange(3), bound].sum() == 1.0
+
+
+def _saved_tiny(tmp_path):
+    torch.manual_seed(0)
+    model = MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=512))
+    mixattn.save(model, tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def test_compress_cli_end_to_end_and_eval_outputs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MIXATTN_CACHE", str(tmp_path / "cache"))
+    src = _saved_tiny(tmp_path)
+    plan_path = tmp_path / "plan.json"
+    assert main(["compress", str(src), "--density", "0.5", "--lengths", "128,256", "--out", str(plan_path)]) == 0
+    plan = Plan.load(plan_path)
+    plan.validate(mixattn.load(src).cfg)
+    assert all(plan.density([N]) <= 0.5 + 1e-9 for N in (128, 256))
+    assert plan_path.with_suffix(".png").is_file()
+    out = tmp_path / "eval"
+    assert main(["eval", str(src), "--plan", str(plan_path), "--baseline", "uniform:0.5", "--tasks",
+                 "passkey,multikey,ppl,speed", "--lengths", "128,256", "--depths", "0.5", "--out", str(out)]) == 0  # fmt: skip
+    assert {"results.json", "results.md", "accuracy_vs_length.png", "depth_length_heatmap.png",
+            "memory_speed.png"} <= {p.name for p in out.iterdir()}  # fmt: skip
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["speed"]) == {"dense", "plan", "uniform 0.5"}
+    assert res["speed"]["uniform 0.5"]["kv_bytes"] < res["speed"]["dense"]["kv_bytes"]
+    assert main(["plan", "show", str(plan_path)]) == 0
+    assert "distinct rules" in capsys.readouterr().out
+
+
+def test_compress_bad_inputs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MIXATTN_CACHE", str(tmp_path / "cache"))
+    src = _saved_tiny(tmp_path)
+    assert main(["compress", str(src), "--density", "0.01", "--lengths", "128", "--out", str(tmp_path / "p.json")]) == 2
+    assert "cannot be met" in capsys.readouterr().err and not (tmp_path / "p.json").exists()
+    assert main(["compress", str(src), "--density", "0.5", "--lengths", "4096", "--out", str(tmp_path / "p.json")]) == 2
+    assert "max_seq_len 512" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    from mixattn.compress.calibration import build
+
+    with pytest.raises(ValueError, match="empty"):
+        build(mixattn.load(src), mixattn.ByteTokenizer(), [str(tmp_path / "empty")], (128,), 1)
+
+
+def test_interrupted_profile_resumes_to_the_same_result(tmp_path):
+    model = _tiny_double().float()
+    samples = []
+    for s in range(3):
+        ids = torch.randint(0, 256, (128,), generator=torch.Generator().manual_seed(s))
+        mask = torch.zeros(128, dtype=torch.bool)
+        mask[-5:-1] = True
+        samples.append(CalibSample(ids, mask, 128))
+    whole = profiling.run(model, samples, (128,), progress=False)
+    profiling.run(model, samples[:2], (128,), tmp_path / "p.pt", progress=False)  # "interrupted" after 2
+    resumed = profiling.run(model, samples, (128,), tmp_path / "p.pt", resume=True, progress=False)
+    assert resumed.done == 3 and resumed.counts[128] == 3
+    torch.testing.assert_close(resumed.influence[128], whole.influence[128])
+    plan = optimize(resumed, 0.6)
+    assert plan.density([128]) <= 0.6 + 1e-9
