@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..paths import atomic_write, read_json
 
 FORMAT = "mixattn-plan/1"
 
@@ -119,28 +120,17 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file + rename): a failed save never leaves half a plan."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        data = self.to_dict()
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1)
+
+        return atomic_write(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such plan: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); truncated?") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path, missing="no such plan"), str(path))
 
     def validate(self, cfg) -> None:
         """Check the plan fits a model config (``MixtureConfig``): layers and KV heads must match."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..layers.attention import Attention
+from ..paths import atomic_write
 
 BLOCK = 64
 SINK, LOCAL = 64, 256  # the window of the mass-outside score
@@ -42,17 +42,7 @@ class Profile:
     done: int = 0  # calibration samples processed (resume point)
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(self.__dict__, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_write(path, lambda tmp: torch.save(self.__dict__, tmp))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..paths import read_json
 from .config import MixtureConfig
 from .decoder import MixtureLM
 
@@ -74,12 +75,7 @@ def save(
 def read_config(directory: str | os.PathLike) -> tuple[MixtureConfig, dict]:
     """The model config and the whole config.json of a mixattn checkpoint directory."""
     path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json (not a checkpoint directory)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    meta = read_json(path, missing=f"{directory}: no config.json (not a checkpoint directory)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
     return MixtureConfig.from_dict(meta["model"]), meta

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ...paths import read_json
 from ..checkpoint import atomic_dir, load_state
 from ..config import MixtureConfig
 from ..decoder import MixtureLM
@@ -81,13 +82,7 @@ def config_to_hf(cfg: MixtureConfig) -> dict:
 
 
 def read_hf_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    return read_json(directory / "config.json", missing=f"{directory}: no config.json")
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
