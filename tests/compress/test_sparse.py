@@ -99,6 +99,12 @@ def test_cache_bytes_are_the_sum_over_heads():
     for layer_cache, rules in zip(cache, plan.layers):
         want = sum(min(N, r.sink + r.span(N)) for r in rules) * D * 2 * 4
         assert layer_cache.nbytes() == want
+    remove_plan(model)  # the dense baseline is sized once for N too (no doubling on the first decode step)
+    dense = model.new_cache(N)
+    ids = torch.randint(0, 256, (1, 10))
+    model(ids, dense, ref_len=N)
+    model(ids[:, :1], dense, start_pos=10, ref_len=N)
+    assert model.kv_cache_bytes(dense) == model.cfg.num_layers * model.cfg.num_kv_heads * N * D * 2 * 4
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moa", "tiny-moh"])

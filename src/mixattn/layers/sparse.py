@@ -24,7 +24,7 @@ from .cache import RaggedKVCache
 @dataclass(frozen=True)
 class SparseSpec:
     """Rules for one layer's KV heads: sink (Hkv,), alpha (Hkv,), beta (Hkv,); ``impl`` names the
-    ``sparse_attention`` kernel ("auto": blocked when gradients are needed or on CPU, flex on GPU)."""
+    ``sparse_attention`` kernel ("auto": blocked when gradients are needed, flex otherwise)."""
 
     sink: tuple[int, ...]
     alpha: tuple[float, ...]
@@ -49,7 +49,9 @@ def _pick(impl: str, q: torch.Tensor) -> str:
         return impl
     if q.requires_grad and torch.is_grad_enabled():
         return "blocked"  # flex has no CPU backward; blocked is exact and differentiable everywhere
-    return "flex" if q.is_cuda else "blocked"
+    # inference: compiled flex never materialises scores and beats dense flash SDPA from ~1k tokens
+    # (benchmarks/bench_sparse.py); blocked materialises T x (span + block) scores per head
+    return "flex"
 
 
 def attend(q, k, v, ctx, spec: SparseSpec | None) -> torch.Tensor:

@@ -102,7 +102,8 @@ class MixtureLM(nn.Module):
         caches = []
         for layer in self.layers:
             spec = getattr(layer.attn, "sparse", None)
-            caches.append(spec.new_cache(ref_len) if spec is not None and ref_len else KVCache())
+            # sized once for N: growing by doubling would over-allocate up to 2x at the first decode step
+            caches.append(spec.new_cache(ref_len) if spec is not None and ref_len else KVCache(ref_len or 0))
         return caches
 
     def kv_cache_bytes(self, cache: list) -> int:
