@@ -51,7 +51,9 @@ def test_reference_is_the_rule():
 
 def test_flex_matches_reference():
     with torch.no_grad():
-        for B, H, Hkv, T, sinks, spans, pad in CASES[1:2] + [(1, 4, 2, 200, [0, 16], [40, 1], None)]:
+        # the last case has blocks wholly inside a 200-token sink and a 300-token window (full blocks)
+        cases = CASES[1:2] + [(1, 4, 2, 200, [0, 16], [40, 1], None), (2, 6, 3, 700, [200, 0, 5], [300, 700, 129], [0, 37])]
+        for B, H, Hkv, T, sinks, spans, pad in cases:
             q, k, v = (t.detach() for t in _qkv(B, H, Hkv, T))
             sink, span = torch.tensor(sinks), torch.tensor(spans).clamp(max=T)
             pad = torch.tensor(pad) if pad else None

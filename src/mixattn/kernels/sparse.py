@@ -152,14 +152,25 @@ def flex_block_mask(T: int, sink: torch.Tensor, span: torch.Tensor, G: int, bloc
     cols = torch.arange(nq, device=device)[None, None, :]  # candidate kv blocks
     want = (cols < sink_blocks[..., None]) | ((cols >= first_win[..., None]) & (cols <= qb[None, :, None]))
     want &= cols <= qb[None, :, None]
-    num = want.sum(-1).to(torch.int32)  # (H, nq)
-    order = torch.argsort((~want).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # wanted blocks first
+    # full blocks (strictly causal and wholly inside the sink or the window) skip mask_mod entirely
+    inside_sink = (cols + 1) * block <= sink_h[:, None, None]
+    inside_win = ((qb[None, :, None] + 1) * block - 1 - cols * block) < span_h[:, None, None]
+    full = want & (cols < qb[None, :, None]) & (inside_sink | inside_win)
+    partial = want & ~full
+
+    def blocks(sel):
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # selected first
+        return sel.sum(-1).to(torch.int32)[None], order[None]
+
     sink_t, span_t = sink_h, span_h
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & ((kv_idx < sink_t[h]) | (q_idx - kv_idx < span_t[h]))
 
-    return BlockMask.from_kv_blocks(num[None], order[None], BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, T))
+    num, idx = blocks(partial)
+    full_num, full_idx = blocks(full)
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(T, T))  # fmt: skip
 
 
 @register("sparse_attention", "flex")
