@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from common import stamp, table, timeit  # noqa: E402
 import mixattn  # noqa: E402
 from mixattn import kernels  # noqa: E402
 from mixattn.compress import HeadRule, Plan, apply_plan, remove_plan  # noqa: E402
+from mixattn.eval.speed import measure  # noqa: E402
 from mixattn.kernels.sdpa import causal_sdpa  # noqa: E402
 
 
@@ -59,26 +59,14 @@ def bench_prefill(N, repeats):
 
 def bench_decode(context, new_tokens, density):
     model = mixattn.load("smollm2-135m").eval()
-    prompt = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
     N = context + new_tokens
     rows = []
     for name in ("dense", f"uniform {density}"):
         remove_plan(model)
         if name != "dense":
             apply_plan(model, Plan.uniform(model.cfg.num_layers, model.cfg.num_kv_heads, density, N, sink=64))
-        cache = model.new_cache(N)
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            logits = model(prompt, cache, ref_len=N).logits[:, -1]
-            t_prefill = time.perf_counter() - t0
-            nxt = logits.argmax(-1)
-            t0 = time.perf_counter()
-            for i in range(new_tokens):
-                logits = model(nxt[:, None], cache, start_pos=context + i, ref_len=N).logits[:, -1]
-                nxt = logits.argmax(-1)
-            t_decode = time.perf_counter() - t0
-        mib = model.kv_cache_bytes(cache) / 2**20
-        rows.append([name, f"{t_prefill:.1f}", f"{new_tokens / t_decode:.2f}", f"{mib:.1f}"])
+        r = measure(model, context, new_tokens)
+        rows.append([name, f"{r['prefill_s']:.1f}", f"{r['decode_tok_s']:.2f}", f"{r['kv_bytes'] / 2**20:.1f}"])
     dense_tps, sparse_tps = float(rows[0][2]), float(rows[1][2])
     dense_mb, sparse_mb = float(rows[0][3]), float(rows[1][3])
     rows[1][2] += f" (**{sparse_tps / dense_tps:.2f}x**)"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .compress import optimize
-from .compress.pipeline import baseline, compress, load_model, work_dir_for
+from .compress.pipeline import CORPORA, baseline, compress, load_model, work_dir_for
 from .compress.plan import HeadRule, Plan
 from .compress.profile import LOCAL, SINK, Profile
 from .eval.suite import evaluate, write
@@ -40,7 +40,7 @@ def run(source: str = "smollm2-135m", densities=(0.5, 0.25), lengths=(1024, 2048
         plans[f"uniform {d}"] = baseline(source, "uniform", d, N, model=model, tok=tok)
         plans[f"duo {d}"] = baseline(source, "duo", d, N, model=model, tok=tok)
         if d == densities[0]:
-            prof = Profile.load(work_dir_for(source, tuple(lengths), samples, 0, ("shakespeare", "stdlib")) / "profile.pt")
+            prof = Profile.load(work_dir_for(source, tuple(lengths), samples, 0, CORPORA) / "profile.pt")
             plans[f"duo-gradient {d}"] = gradient_duo(prof, d, N, source)
         plans[f"mixattn {d}"] = plan
     for label, plan in plans.items():

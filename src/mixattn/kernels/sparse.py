@@ -162,10 +162,8 @@ def flex_block_mask(T: int, sink: torch.Tensor, span: torch.Tensor, G: int, bloc
         order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # selected first
         return sel.sum(-1).to(torch.int32)[None], order[None]
 
-    sink_t, span_t = sink_h, span_h
-
     def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & ((kv_idx < sink_t[h]) | (q_idx - kv_idx < span_t[h]))
+        return (kv_idx <= q_idx) & ((kv_idx < sink_h[h]) | (q_idx - kv_idx < span_h[h]))
 
     num, idx = blocks(partial)
     full_num, full_idx = blocks(full)

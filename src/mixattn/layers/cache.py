@@ -35,9 +35,6 @@ class KVCache:
         self._lens[name] = n + t
         return buf[:, :, : n + t]
 
-    def length(self, name: str) -> int:
-        return self._lens.get(name, 0)
-
     def nbytes(self) -> int:
         """Bytes allocated (capacity, not just the filled part)."""
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
