@@ -52,7 +52,9 @@ def test_reference_is_the_rule():
 def test_flex_matches_reference():
     with torch.no_grad():
         # the last case has blocks wholly inside a 200-token sink and a 300-token window (full blocks)
-        cases = CASES[1:2] + [(1, 4, 2, 200, [0, 16], [40, 1], None), (2, 6, 3, 700, [200, 0, 5], [300, 700, 129], [0, 37])]
+        # heads with equal rules share one flex call; KV heads 0 and 2 of the 4th case do, apart
+        cases = CASES[1:2] + [(1, 4, 2, 200, [0, 16], [40, 1], None), (2, 6, 3, 700, [200, 0, 5], [300, 700, 129], [0, 37]),
+                              (1, 8, 4, 300, [3, 0, 3, 0], [50, 300, 50, 7], None)]
         for B, H, Hkv, T, sinks, spans, pad in cases:
             q, k, v = (t.detach() for t in _qkv(B, H, Hkv, T))
             sink, span = torch.tensor(sinks), torch.tensor(spans).clamp(max=T)
@@ -60,6 +62,25 @@ def test_flex_matches_reference():
             ref = kernels.get("sparse_attention", "reference")(q, k, v, sink, span, pad)
             out = kernels.get("sparse_attention", "flex")(q, k, v, sink, span, pad)
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,sinks,spans,pad", CASES)
+@pytest.mark.parametrize("prompt", [1, 6])
+def test_ragged_cache_decode_matches_reference(B, H, Hkv, T, sinks, spans, pad, prompt):
+    """Prefill a prompt, then decode one query at a time past every window: each step equals the
+    reference's row for that position (heads of unequal capacity are regrouped in the buffer)."""
+    q, k, v = (t.detach() for t in _qkv(B, H, Hkv, T))
+    sink, span = torch.tensor(sinks), torch.tensor(spans).clamp(max=T)
+    ref = kernels.get("sparse_attention", "reference")(q, k, v, sink, span)
+    cache = RaggedKVCache(sink, span, T)
+    cache.write(k[:, :, :prompt], v[:, :, :prompt])
+    rows = []
+    for t in range(prompt, T):
+        cache.write(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        rows.append(cache.attend(q[:, :, t : t + 1]))
+    torch.testing.assert_close(torch.cat(rows, 2), ref[:, :, prompt:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sized for"):
+        cache.write(k[:, :, :1], v[:, :, :1])
 
 
 def _random_plan(cfg, seed=0):

@@ -14,14 +14,18 @@ def causal_sdpa(q_BHQD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor
 
     SDPA's ``is_causal`` aligns the mask top-left, which is only right when Tq == Tk, so other
     cases get an explicit mask (or none for a single query that sees every key). GQA is native
-    (``enable_gqa``): query head h reads KV head h // (H / Hkv).
+    (``enable_gqa``, or folded onto the query axis for one decode query): query head h reads KV head h // (H / Hkv).
     """
     Tq, Tk = q_BHQD.shape[2], k_BKTD.shape[2]
     gqa = q_BHQD.shape[1] != k_BKTD.shape[1]
     if q_offset == 0 and Tq == Tk:
         return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, is_causal=True, enable_gqa=gqa)
-    if Tq == 1 and q_offset == Tk - 1:
-        return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, enable_gqa=gqa)
+    if Tq == 1 and q_offset == Tk - 1:  # one decode query sees every key
+        B, H, _, D = q_BHQD.shape
+        Hkv = k_BKTD.shape[1]
+        # the query heads of a KV head ride on the query axis: no K/V expansion for GQA
+        o_BKGV = F.scaled_dot_product_attention(q_BHQD.reshape(B, Hkv, H // Hkv, D), k_BKTD, v_BKTD)
+        return o_BKGV.reshape(B, H, 1, v_BKTD.shape[-1])  # values may be narrower than D (graph routers)
     q_pos = torch.arange(q_offset, q_offset + Tq, device=q_BHQD.device)
     mask_QT = q_pos[:, None] >= torch.arange(Tk, device=q_BHQD.device)[None, :]
     return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, attn_mask=mask_QT, enable_gqa=gqa)

@@ -171,9 +171,30 @@ def flex_block_mask(T: int, sink: torch.Tensor, span: torch.Tensor, G: int, bloc
                                     seq_lengths=(T, T))  # fmt: skip
 
 
+def _rule_groups(sink: torch.Tensor, span: torch.Tensor) -> list[list[int]]:
+    """KV heads grouped by equal (sink, span), in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for h, rule in enumerate(zip(sink.tolist(), span.tolist())):
+        groups.setdefault(rule, []).append(h)
+    return list(groups.values())
+
+
 @register("sparse_attention", "flex")
 @_per_sample
 def sparse_flex(q, k, v, sink, span):
-    G = q.shape[1] // k.shape[1]
-    bm = flex_block_mask(q.shape[2], sink.to(q.device), span.to(q.device), G)
-    return _compiled_flex()(q, k, v, block_mask=bm, enable_gqa=G > 1)
+    """One compiled flex call per group of KV heads with equal rules. A single call over heads of
+    unequal spans runs slower (1.6x vs 2.1x dense at 8k, density 0.25, CPU): the kernel splits
+    (head, query block) work evenly across threads, so wide heads leave threads idle."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    groups = _rule_groups(sink, span)
+    out = q.new_empty(B, H, T, D) if len(groups) > 1 else None
+    for heads in groups:
+        idx = torch.tensor(heads, device=q.device)
+        q_idx = (idx[:, None] * G + torch.arange(G, device=q.device)).flatten()  # this group's query heads
+        bm = flex_block_mask(T, sink[idx].to(q.device), span[idx].to(q.device), G)
+        if out is None:
+            return _compiled_flex()(q, k, v, block_mask=bm, enable_gqa=G > 1)
+        o = _compiled_flex()(q[:, q_idx], k[:, idx], v[:, idx], block_mask=bm, enable_gqa=G > 1)
+        out[:, q_idx] = o
+    return out

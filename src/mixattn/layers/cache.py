@@ -11,6 +11,7 @@ Legend: B batch, H heads, T cached tokens, D channels.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class KVCache:
@@ -47,7 +48,12 @@ class RaggedKVCache:
     max_new_tokens): ``sink_h`` static slots for positions < sink, then a circular window of
     ``span_h`` slots. All heads of a layer share one flat buffer (B, sum_h cap_h, D) per K and V, so
     the memory is the sum over heads, never a per-layer maximum. Keys are stored after RoPE at their
-    original positions; each slot remembers its position, which makes the decode mask exact.
+    original positions.
+
+    Heads with equal capacity sit next to each other in the buffer, so each such group is one
+    strided (B, heads, cap, D) view and a decode step costs one SDPA call per distinct capacity
+    (one per layer for a uniform plan), without masks: the first ``min(length, cap)`` slots of a
+    head always hold exactly the keys its newest query may see (see ``attend``).
     """
 
     def __init__(self, sink: torch.Tensor, span: torch.Tensor, ref_len: int):
@@ -55,8 +61,17 @@ class RaggedKVCache:
         self.span = [int(s) for s in span]
         self.ref_len = ref_len
         self.caps = [min(ref_len, s + w) for s, w in zip(self.sink, self.span)]
-        self.offsets = [sum(self.caps[:h]) for h in range(len(self.caps))]
-        self.k = self.v = self.pos = None
+        order = sorted(range(len(self.caps)), key=lambda h: self.caps[h])  # buffer order: by capacity
+        self.offsets = [0] * len(self.caps)
+        self.groups: list[tuple[list[int], int, int]] = []  # (heads, first slot, cap)
+        start = 0
+        for h in order:
+            if not self.groups or self.groups[-1][2] != self.caps[h]:
+                self.groups.append(([], start, self.caps[h]))
+            self.groups[-1][0].append(h)
+            self.offsets[h] = start
+            start += self.caps[h]
+        self.k = self.v = None
         self.length = 0  # tokens written so far
 
     def _alloc(self, like_BHTD: torch.Tensor) -> None:
@@ -64,15 +79,15 @@ class RaggedKVCache:
         total = sum(self.caps)
         self.k = like_BHTD.new_zeros(B, total, D)
         self.v = like_BHTD.new_zeros(B, total, D)
-        self.pos = torch.full((total,), -1, dtype=torch.long, device=like_BHTD.device)
 
-    def _slot(self, h: int, p: torch.Tensor) -> torch.Tensor:
-        s, w, cap = self.sink[h], self.span[h], self.caps[h]
-        if cap >= self.ref_len:  # a dense head: position == slot
-            local = p
-        else:
-            local = torch.where(p < s, p, s + (p - s) % w)
-        return self.offsets[h] + local
+    def _local(self, h: int, p):
+        """Slot of position p (int or tensor) within head h: static below the sink, circular after."""
+        s, w = self.sink[h], self.span[h]
+        if self.caps[h] >= self.ref_len:  # a dense head: position == slot
+            return p
+        if isinstance(p, int):
+            return p if p < s else s + (p - s) % w
+        return torch.where(p < s, p, s + (p - s) % w)
 
     def write(self, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> None:
         """Store T new tokens (positions length .. length+T-1). Only tokens some future query can
@@ -80,37 +95,49 @@ class RaggedKVCache:
         if self.k is None:
             self._alloc(k_BHTD)
         T = k_BHTD.shape[2]
-        p = torch.arange(self.length, self.length + T, device=k_BHTD.device)
         if self.length + T > self.ref_len:
             raise ValueError(f"ragged cache sized for {self.ref_len} tokens; got position {self.length + T - 1}")
+        if T == 1:  # decode: one slot per head, one indexed write for all heads
+            slots = [self.offsets[h] + self._local(h, self.length) for h in range(len(self.caps))]
+            idx = torch.tensor(slots, device=k_BHTD.device)
+            self.k[:, idx] = k_BHTD[:, :, 0]
+            self.v[:, idx] = v_BHTD[:, :, 0]
+            self.length += 1
+            return
+        p = torch.arange(self.length, self.length + T, device=k_BHTD.device)
         last = self.length + T - 1
         for h in range(len(self.caps)):
-            s, w = self.sink[h], self.span[h]
-            keep = (p < s) | (last - p < w) | torch.tensor(self.caps[h] >= self.ref_len)
-            slots = self._slot(h, p[keep])
+            keep = (p < self.sink[h]) | (last - p < self.span[h]) | (self.caps[h] >= self.ref_len)
+            slots = self.offsets[h] + self._local(h, p[keep])
             self.k[:, slots] = k_BHTD[:, h, keep]
             self.v[:, slots] = v_BHTD[:, h, keep]
-            self.pos[slots] = p[keep]
         self.length += T
 
-    def attend(self, q_BHQD: torch.Tensor) -> torch.Tensor:
-        """Attention of the newest Tq queries (positions length-Tq ..) over the cache: (B, H, Tq, D)."""
-        B, H, Tq, D = q_BHQD.shape
+    def attend(self, q_BH1D: torch.Tensor) -> torch.Tensor:
+        """Attention of the newest query (position length-1) over the cache: (B, H, 1, D).
+
+        No mask is needed: positions below ``cap`` sit in slots equal to their position, and once
+        the window has wrapped its ``span`` slots hold exactly the last ``span`` positions, so the
+        first ``min(length, cap)`` slots of a head are what a sink + window query sees. Query heads
+        of one KV head ride on the query axis, so GQA needs no K/V expansion.
+        """
+        B, H, Tq, D = q_BH1D.shape
+        if Tq != 1:
+            raise ValueError(f"a ragged KV cache decodes one query at a time, got {Tq}")
         Hkv = len(self.caps)
-        G = H // Hkv
-        i = torch.arange(self.length - Tq, self.length, device=q_BHQD.device)[:, None]  # (Tq, 1)
-        outs = []
-        for h in range(Hkv):
-            sl = slice(self.offsets[h], self.offsets[h] + self.caps[h])
-            pos = self.pos[sl][None, :]  # (1, cap)
-            ok = (pos >= 0) & (pos <= i) & ((pos < self.sink[h]) | (i - pos < self.span[h]))  # (Tq, cap)
-            qh = q_BHQD[:, h * G : (h + 1) * G]  # (B, G, Tq, D)
-            kh, vh = self.k[:, sl][:, None], self.v[:, sl][:, None]  # (B, 1, cap, D)
-            outs.append(torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=ok))
-        return torch.cat(outs, dim=1)
+        q_BKGD = q_BH1D.reshape(B, Hkv, H // Hkv, D)
+        out = q_BKGD.new_empty(q_BKGD.shape) if len(self.groups) > 1 else None
+        for heads, start, cap in self.groups:
+            n = min(self.length, cap)
+            kv = [x[:, start : start + len(heads) * cap].view(B, len(heads), cap, D)[:, :, :n] for x in (self.k, self.v)]
+            if out is None:  # one group holds every head, in order
+                return F.scaled_dot_product_attention(q_BKGD, *kv).reshape(B, H, 1, D)
+            idx = torch.tensor(heads, device=q_BH1D.device)
+            out[:, idx] = F.scaled_dot_product_attention(q_BKGD[:, idx], *kv)  # (B, heads, G, D)
+        return out.reshape(B, H, 1, D)
 
     def nbytes(self) -> int:
-        """Bytes of K and V actually allocated (the per-slot positions are metadata, not counted)."""
+        """Bytes of K and V actually allocated."""
         if self.k is None:
             return 0
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
