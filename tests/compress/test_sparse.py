@@ -64,6 +64,23 @@ def test_flex_matches_reference():
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_flex_does_not_recompile_for_new_lengths_or_rules():
+    """Compiled once (dynamic shapes), flex serves other lengths, rules and head-group sizes."""
+    flex = kernels.get("sparse_attention", "flex")
+    with torch.no_grad():
+        # warm-up: one call with two single-head groups, one with a two-head group (sizes 1 are
+        # specialised by dynamic shapes, so these are the two graphs a GQA model needs)
+        for T, sinks, spans in ((300, [3, 0], [50, 7]), (301, [5, 5], [20, 20])):
+            q, k, v = (t.detach() for t in _qkv(1, 4, 2, T))
+            flex(q, k, v, torch.tensor(sinks), torch.tensor(spans))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for T, sinks, spans in ((517, [0, 0], [100, 9]), (1000, [64, 64], [200, 200]), (333, [1, 2], [3, 4])):
+                q, k, v = (t.detach() for t in _qkv(1, 4, 2, T))
+                sink, span = torch.tensor(sinks), torch.tensor(spans)
+                ref = kernels.get("sparse_attention", "reference")(q, k, v, sink, span)
+                torch.testing.assert_close(flex(q, k, v, sink, span), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("B,H,Hkv,T,sinks,spans,pad", CASES)
 @pytest.mark.parametrize("prompt", [1, 6])
 def test_ragged_cache_decode_matches_reference(B, H, Hkv, T, sinks, spans, pad, prompt):
