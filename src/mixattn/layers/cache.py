@@ -61,17 +61,18 @@ class RaggedKVCache:
         self.span = [int(s) for s in span]
         self.ref_len = ref_len
         self.caps = [min(ref_len, s + w) for s, w in zip(self.sink, self.span)]
-        order = sorted(range(len(self.caps)), key=lambda h: self.caps[h])  # buffer order: by capacity
+        self.order = sorted(range(len(self.caps)), key=lambda h: self.caps[h])  # buffer order: by capacity
         self.offsets = [0] * len(self.caps)
-        self.groups: list[tuple[list[int], int, int]] = []  # (heads, first slot, cap)
+        self.groups: list[tuple[int, int]] = []  # (number of heads, cap), in buffer order
         start = 0
-        for h in order:
-            if not self.groups or self.groups[-1][2] != self.caps[h]:
-                self.groups.append(([], start, self.caps[h]))
-            self.groups[-1][0].append(h)
+        for h in self.order:
+            if not self.groups or self.groups[-1][1] != self.caps[h]:
+                self.groups.append((0, self.caps[h]))
+            self.groups[-1] = (self.groups[-1][0] + 1, self.caps[h])
             self.offsets[h] = start
             start += self.caps[h]
         self.k = self.v = None
+        self._perm = None  # (order, inverse) index tensors when the buffer order is not the head order
         self.length = 0  # tokens written so far
 
     def _alloc(self, like_BHTD: torch.Tensor) -> None:
@@ -79,6 +80,9 @@ class RaggedKVCache:
         total = sum(self.caps)
         self.k = like_BHTD.new_zeros(B, total, D)
         self.v = like_BHTD.new_zeros(B, total, D)
+        if self.order != sorted(self.order):
+            order = torch.tensor(self.order, device=like_BHTD.device)
+            self._perm = (order, torch.argsort(order))
 
     def _local(self, h: int, p):
         """Slot of position p (int or tensor) within head h: static below the sink, circular after."""
@@ -126,15 +130,18 @@ class RaggedKVCache:
             raise ValueError(f"a ragged KV cache decodes one query at a time, got {Tq}")
         Hkv = len(self.caps)
         q_BKGD = q_BH1D.reshape(B, Hkv, H // Hkv, D)
-        out = q_BKGD.new_empty(q_BKGD.shape) if len(self.groups) > 1 else None
-        for heads, start, cap in self.groups:
+        if self._perm is not None:
+            q_BKGD = q_BKGD.index_select(1, self._perm[0])  # buffer order
+        outs, h0, start = [], 0, 0
+        for heads, cap in self.groups:
             n = min(self.length, cap)
-            kv = [x[:, start : start + len(heads) * cap].view(B, len(heads), cap, D)[:, :, :n] for x in (self.k, self.v)]
-            if out is None:  # one group holds every head, in order
-                return F.scaled_dot_product_attention(q_BKGD, *kv).reshape(B, H, 1, D)
-            idx = torch.tensor(heads, device=q_BH1D.device)
-            out[:, idx] = F.scaled_dot_product_attention(q_BKGD[:, idx], *kv)  # (B, heads, G, D)
-        return out.reshape(B, H, 1, D)
+            kv = [x[:, start : start + heads * cap].view(B, heads, cap, D)[:, :, :n] for x in (self.k, self.v)]
+            outs.append(F.scaled_dot_product_attention(q_BKGD[:, h0 : h0 + heads], *kv))  # (B, heads, G, D)
+            h0, start = h0 + heads, start + heads * cap
+        o_BKGD = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if self._perm is not None:
+            o_BKGD = o_BKGD.index_select(1, self._perm[1])  # back to head order
+        return o_BKGD.reshape(B, H, 1, D)
 
     def nbytes(self) -> int:
         """Bytes of K and V actually allocated."""
