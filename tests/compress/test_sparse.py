@@ -82,14 +82,16 @@ def test_flex_does_not_recompile_for_new_lengths_or_rules():
 
 
 @pytest.mark.parametrize("B,H,Hkv,T,sinks,spans,pad", CASES)
-@pytest.mark.parametrize("prompt", [1, 6])
-def test_ragged_cache_decode_matches_reference(B, H, Hkv, T, sinks, spans, pad, prompt):
-    """Prefill a prompt, then decode one query at a time past every window: each step equals the
-    reference's row for that position (heads of unequal capacity are regrouped in the buffer)."""
+@pytest.mark.parametrize("extra", [1, 6])
+def test_ragged_cache_decode_matches_reference(B, H, Hkv, T, sinks, spans, pad, extra):
+    """Prefill a (left-padded) prompt, then decode one query at a time past every window: each step
+    equals the reference's row for that position (heads of unequal capacity are regrouped)."""
     q, k, v = (t.detach() for t in _qkv(B, H, Hkv, T))
     sink, span = torch.tensor(sinks), torch.tensor(spans).clamp(max=T)
-    ref = kernels.get("sparse_attention", "reference")(q, k, v, sink, span)
-    cache = RaggedKVCache(sink, span, T)
+    pad = torch.tensor(pad) if pad else None
+    prompt = extra + (int(pad.max()) if pad is not None else 0)  # every row has a real prompt token
+    ref = kernels.get("sparse_attention", "reference")(q, k, v, sink, span, pad)
+    cache = RaggedKVCache(sink, span, T, left_pad=pad)
     cache.write(k[:, :, :prompt], v[:, :, :prompt])
     rows = []
     for t in range(prompt, T):
@@ -98,6 +100,12 @@ def test_ragged_cache_decode_matches_reference(B, H, Hkv, T, sinks, spans, pad, 
     torch.testing.assert_close(torch.cat(rows, 2), ref[:, :, prompt:], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="sized for"):
         cache.write(k[:, :, :1], v[:, :, :1])
+
+
+def test_ragged_cache_rejects_a_row_of_padding_only():
+    k = torch.randn(2, 1, 4, 8)
+    with pytest.raises(ValueError, match=r"left_pad must be \(batch=2,\) with values in \[0, 4\)"):
+        RaggedKVCache(torch.tensor([1]), torch.tensor([2]), 10, left_pad=torch.tensor([0, 4])).write(k, k)
 
 
 def _random_plan(cfg, seed=0):

@@ -50,13 +50,17 @@ class RaggedKVCache:
     the memory is the sum over heads, never a per-layer maximum. Keys are stored after RoPE at their
     original positions.
 
+    ``left_pad`` (B,) supports left-padded batches as the sparse kernels do: row b's positions count
+    from its first real token (index ``left_pad[b]``), so its sink is that token onwards and padded
+    keys are never stored or seen. RoPE is relative, so keys keep their absolute rotation.
+
     Heads with equal capacity sit next to each other in the buffer, so each such group is one
     strided (B, heads, cap, D) view and a decode step costs one SDPA call per distinct capacity
     (one per layer for a uniform plan), without masks: the first ``min(length, cap)`` slots of a
     head always hold exactly the keys its newest query may see (see ``attend``).
     """
 
-    def __init__(self, sink: torch.Tensor, span: torch.Tensor, ref_len: int):
+    def __init__(self, sink: torch.Tensor, span: torch.Tensor, ref_len: int, left_pad: torch.Tensor | None = None):
         self.sink = [int(s) for s in sink]
         self.span = [int(s) for s in span]
         self.ref_len = ref_len
@@ -73,10 +77,16 @@ class RaggedKVCache:
             start += self.caps[h]
         self.k = self.v = None
         self._perm = None  # (order, inverse) index tensors when the buffer order is not the head order
-        self.length = 0  # tokens written so far
+        self.left_pad = left_pad if left_pad is not None and bool(left_pad.any()) else None
+        self.length = 0  # tokens written so far (padding included)
 
     def _alloc(self, like_BHTD: torch.Tensor) -> None:
-        B, _, _, D = like_BHTD.shape
+        B, _, T, D = like_BHTD.shape
+        if self.left_pad is not None:
+            if self.left_pad.shape != (B,) or int(self.left_pad.max()) >= T or int(self.left_pad.min()) < 0:
+                raise ValueError(f"left_pad must be (batch={B},) with values in [0, {T}) (the prompt length)"
+                                 f", got {self.left_pad.tolist()}")  # fmt: skip
+            self.left_pad = self.left_pad.to(like_BHTD.device)
         total = sum(self.caps)
         self.k = like_BHTD.new_zeros(B, total, D)
         self.v = like_BHTD.new_zeros(B, total, D)
@@ -101,29 +111,40 @@ class RaggedKVCache:
         T = k_BHTD.shape[2]
         if self.length + T > self.ref_len:
             raise ValueError(f"ragged cache sized for {self.ref_len} tokens; got position {self.length + T - 1}")
-        if T == 1:  # decode: one slot per head, one indexed write for all heads
+        if self.left_pad is None and T == 1:  # decode: one slot per head, one indexed write for all heads
             slots = [self.offsets[h] + self._local(h, self.length) for h in range(len(self.caps))]
             idx = torch.tensor(slots, device=k_BHTD.device)
-            self.k[:, idx] = k_BHTD[:, :, 0]
-            self.v[:, idx] = v_BHTD[:, :, 0]
+            self.k[:, idx], self.v[:, idx] = k_BHTD[:, :, 0], v_BHTD[:, :, 0]
             self.length += 1
             return
-        p = torch.arange(self.length, self.length + T, device=k_BHTD.device)
-        last = self.length + T - 1
-        for h in range(len(self.caps)):
-            keep = (p < self.sink[h]) | (last - p < self.span[h]) | (self.caps[h] >= self.ref_len)
-            slots = self.offsets[h] + self._local(h, p[keep])
-            self.k[:, slots] = k_BHTD[:, h, keep]
-            self.v[:, slots] = v_BHTD[:, h, keep]
+        t = torch.arange(self.length, self.length + T, device=k_BHTD.device)
+        if self.left_pad is None:
+            for h in range(len(self.caps)):
+                slots, keep = self._slots(h, t, t)  # (kept,), (T,)
+                self.k[:, slots], self.v[:, slots] = k_BHTD[:, h, keep], v_BHTD[:, h, keep]
+        else:
+            p_BT = t[None, :] - self.left_pad[:, None]  # positions within each row; < 0 is padding
+            for h in range(len(self.caps)):
+                slots, keep_BT = self._slots(h, p_BT, t[None, :])
+                rows, cols = keep_BT.nonzero(as_tuple=True)
+                self.k[rows, slots], self.v[rows, slots] = k_BHTD[rows, h, cols], v_BHTD[rows, h, cols]
         self.length += T
+
+    def _slots(self, h: int, p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffer slots of head h for the positions p (at token indices t) that some query from now
+        on can still see, and the mask of those positions."""
+        last = self.length + t.shape[-1] - 1
+        keep = (p >= 0) & ((p < self.sink[h]) | (last - t < self.span[h]) | (self.caps[h] >= self.ref_len))
+        return self.offsets[h] + self._local(h, p[keep]), keep
 
     def attend(self, q_BH1D: torch.Tensor) -> torch.Tensor:
         """Attention of the newest query (position length-1) over the cache: (B, H, 1, D).
 
-        No mask is needed: positions below ``cap`` sit in slots equal to their position, and once
-        the window has wrapped its ``span`` slots hold exactly the last ``span`` positions, so the
-        first ``min(length, cap)`` slots of a head are what a sink + window query sees. Query heads
-        of one KV head ride on the query axis, so GQA needs no K/V expansion.
+        No window mask is needed: positions below ``cap`` sit in slots equal to their position, and
+        once the window has wrapped its ``span`` slots hold exactly the last ``span`` positions, so
+        the first ``min(length, cap)`` slots of a head are what a sink + window query sees (with
+        left padding, a row's own length replaces ``length``: a (B, 1, 1, n) mask). Query heads of
+        one KV head ride on the query axis, so GQA needs no K/V expansion.
         """
         B, H, Tq, D = q_BH1D.shape
         if Tq != 1:
@@ -132,11 +153,14 @@ class RaggedKVCache:
         q_BKGD = q_BH1D.reshape(B, Hkv, H // Hkv, D)
         if self._perm is not None:
             q_BKGD = q_BKGD.index_select(1, self._perm[0])  # buffer order
+        rows_len = None if self.left_pad is None else (self.length - self.left_pad)[:, None, None, None]  # (B,1,1,1)
         outs, h0, start = [], 0, 0
         for heads, cap in self.groups:
             n = min(self.length, cap)
             kv = [x[:, start : start + heads * cap].view(B, heads, cap, D)[:, :, :n] for x in (self.k, self.v)]
-            outs.append(F.scaled_dot_product_attention(q_BKGD[:, h0 : h0 + heads], *kv))  # (B, heads, G, D)
+            # a padded row has written fewer slots: its first min(row length, cap) are the valid ones
+            mask = None if rows_len is None else torch.arange(n, device=q_BH1D.device) < rows_len
+            outs.append(F.scaled_dot_product_attention(q_BKGD[:, h0 : h0 + heads], *kv, attn_mask=mask))
             h0, start = h0 + heads, start + heads * cap
         o_BKGD = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if self._perm is not None:
