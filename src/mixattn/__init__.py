@@ -8,7 +8,7 @@ Public API:
 """
 
 from .compress import Plan, apply_plan, remove_plan
-from .models import PRESETS, MixtureConfig, MixtureLM, ModelOutput, count_parameters, from_name
+from .models import PRESETS, MixtureConfig, MixtureLM, ModelOutput, count_parameters, from_name, pad_left
 from .models.checkpoint import save
 from .train.data import ByteTokenizer, load_corpus
 from .train.loop import TrainConfig, train
@@ -50,6 +50,6 @@ def export(model: MixtureLM, directory, format: str = "llama", tokenizer=None):
 
 __all__ = [
     "PRESETS", "ByteTokenizer", "MixtureConfig", "MixtureLM", "ModelOutput", "TrainConfig", "count_parameters",
-    "Plan", "apply_plan", "export", "from_name", "load", "load_corpus", "load_tokenizer", "remove_plan", "save",
-    "train",
+    "Plan", "apply_plan", "export", "from_name", "load", "load_corpus", "load_tokenizer", "pad_left", "remove_plan",
+    "save", "train",
 ]

@@ -91,8 +91,8 @@ def test_ragged_cache_decode_matches_reference(B, H, Hkv, T, sinks, spans, pad, 
     pad = torch.tensor(pad) if pad else None
     prompt = extra + (int(pad.max()) if pad is not None else 0)  # every row has a real prompt token
     ref = kernels.get("sparse_attention", "reference")(q, k, v, sink, span, pad)
-    cache = RaggedKVCache(sink, span, T, left_pad=pad)
-    cache.write(k[:, :, :prompt], v[:, :, :prompt])
+    cache = RaggedKVCache(sink, span, T)
+    cache.write(k[:, :, :prompt], v[:, :, :prompt], left_pad=pad)
     rows = []
     for t in range(prompt, T):
         cache.write(k[:, :, t : t + 1], v[:, :, t : t + 1])
@@ -105,7 +105,7 @@ def test_ragged_cache_decode_matches_reference(B, H, Hkv, T, sinks, spans, pad, 
 def test_ragged_cache_rejects_a_row_of_padding_only():
     k = torch.randn(2, 1, 4, 8)
     with pytest.raises(ValueError, match=r"left_pad must be \(batch=2,\) with values in \[0, 4\)"):
-        RaggedKVCache(torch.tensor([1]), torch.tensor([2]), 10, left_pad=torch.tensor([0, 4])).write(k, k)
+        RaggedKVCache(torch.tensor([1]), torch.tensor([2]), 10).write(k, k, left_pad=torch.tensor([0, 4]))
 
 
 def _random_plan(cfg, seed=0):

@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import torch
 
+import mixattn
 from mixattn.models import PRESETS, MixtureConfig, MixtureLM, count_parameters, from_name
 from tests.conftest import grads
 
@@ -112,3 +113,58 @@ def test_one_expert_moe_model_equals_dense_model():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     emb = [moe.embed.weight]
     torch.testing.assert_close(grads(a, emb)[0], grads(b, [dense.embed.weight])[0], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ left-padded batches
+
+
+def _graph_moe(graph: str) -> MixtureConfig:
+    base = PRESETS["tiny-moe"]
+    router = dataclasses.replace(base.moe.router, graph=graph, select_on="probs")
+    return dataclasses.replace(base, moe=dataclasses.replace(base.moe, router=router))
+
+
+LEFT_PAD_MODELS = {name: PRESETS[name] for name in ("tiny", "tiny-moa", "tiny-moh", "tiny-moe", "tiny-bam")}
+LEFT_PAD_MODELS |= {f"moe-graph-{g}": _graph_moe(g) for g in ("similarity", "attention")}
+
+
+@pytest.mark.parametrize("name", LEFT_PAD_MODELS)
+@pytest.mark.parametrize("plan", [False, True])
+def test_left_padded_batch_matches_each_prompt_alone(name, plan):
+    """RoPE is relative and padded keys are masked, so a left-padded row equals its prompt alone:
+    logits of every real token, and greedy generation with the dense or the ragged cache."""
+    from mixattn.compress import HeadRule, Plan, apply_plan
+
+    cfg = LEFT_PAD_MODELS[name]
+    model = MixtureLM(cfg).eval()
+    if plan and ("bam" in name or name == "moe-graph-attention"):
+        with pytest.raises(ValueError, match="KV cache per expert|attention graph"):
+            apply_plan(model, Plan.dense(cfg.num_layers, cfg.num_kv_heads))
+        assert all(getattr(layer.attn, "sparse", None) is None for layer in model.layers)  # nothing half-applied
+        return
+    if plan:  # beta = 0, so spans do not depend on N (which differs between the batch and a row alone)
+        rules = (HeadRule(2, 4.0, 0.0), HeadRule(0, 5.0, 0.0))  # sink 2 + window 4; window 5
+        apply_plan(model, Plan(tuple(rules[: cfg.num_kv_heads] for _ in range(cfg.num_layers))))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 256, (n,), generator=g).tolist() for n in (11, 4, 8)]
+    ids, pad = mixattn.pad_left(prompts)
+    with torch.no_grad():
+        batch = model(ids, left_pad=pad).logits
+        for b, p in enumerate(prompts):
+            alone = model(torch.tensor([p])).logits[0]
+            torch.testing.assert_close(batch[b, int(pad[b]) :], alone, atol=1e-4, rtol=1e-4)
+    out = model.generate(ids, 12, left_pad=pad)
+    assert torch.equal(out, model.generate(ids, 12, left_pad=pad, use_cache=False))
+    for b, p in enumerate(prompts):
+        assert out[b, ids.shape[1] :].tolist() == model.generate(torch.tensor([p]), 12)[0, len(p) :].tolist()
+
+
+def test_left_pad_errors():
+    model = MixtureLM(PRESETS["tiny"])
+    ids = torch.randint(0, 256, (2, 5))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        model(ids, left_pad=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"in \[0, 5\)"):
+        model(ids, left_pad=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="no empty prompt"):
+        mixattn.pad_left([[1, 2], []])

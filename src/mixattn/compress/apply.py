@@ -17,10 +17,15 @@ def apply_plan(model: MixtureLM, plan: Plan, impl: str = "auto") -> MixtureLM:
     if impl != "auto":
         kernels.get("sparse_attention", impl)
     plan.validate(model.cfg)
-    for i, (layer, rules) in enumerate(zip(model.layers, plan.layers)):
+    for i, layer in enumerate(model.layers):  # check every layer before changing any
         if not isinstance(layer.attn, (Attention, MoAAttention)):
             raise ValueError(f"layer {i}: {type(layer.attn).__name__} keeps one KV cache per expert; "
                              "sparse plans apply to dense, GQA, MoA and MoH attention")  # fmt: skip
+        router = getattr(layer.ffn, "router", None)
+        if router is not None and router.cfg.graph == "attention":
+            raise ValueError(f"layer {i}: the FFN router's attention graph reads every past key, which a "
+                             "sparse plan does not keep; use graph='similarity' or 'none'")  # fmt: skip
+    for layer, rules in zip(model.layers, plan.layers):
         sinks, alphas, betas = zip(*((r.sink, float(r.alpha), float(r.beta)) for r in rules))
         layer.attn.sparse = SparseSpec(sinks, alphas, betas, impl)
     return model

@@ -6,7 +6,8 @@ an unknown op or impl raises ``ValueError`` listing the valid names.
 
 Ops registered here:
     grouped_linear(x_sorted (N, in), weight (E, out, in), counts (E,)) -> (N, out)
-    head_sparse_attention(q (B, H, T, D), k, v (B, Hkv, T, D), active (B, T, H) bool) -> (B, T, H, D)
+    head_sparse_attention(q (B, H, T, D), k, v (B, Hkv, T, D), active (B, T, H) bool, q_offset, left_pad)
+        -> (B, T, H, D)
     sparse_attention(q (B, H, T, D), k, v (B, Hkv, T, D), sink (Hkv,), span (Hkv,), left_pad) -> (B, H, T, D)
 """
 

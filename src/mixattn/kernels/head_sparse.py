@@ -39,23 +39,27 @@ def head_sparse_attention_gather(
     v_BKTD: torch.Tensor,
     active_BTH: torch.Tensor,
     q_offset: int = 0,
+    left_pad: torch.Tensor | None = None,
     chunk: int = CHUNK,
 ) -> torch.Tensor:
     """Args: q (B, H, T, D) at positions ``q_offset ..``; k, v (B, Hkv, q_offset+T, D); active (B, T, H)
-    bool. Returns (B, T, H, D), zero where a head is inactive. Differentiable (plain autograd)."""
+    bool; left_pad (B,) padding tokens at the start of each row (never keys; their queries give
+    zeros). Returns (B, T, H, D), zero where a head is inactive. Differentiable (plain autograd)."""
     B, H, T, D = q_BHTD.shape
     group = H // k_BKTD.shape[1]
     scale = D**-0.5
     rows = []
     for b in range(B):
+        pad = int(left_pad[b]) if left_pad is not None else 0  # the row's keys start at index pad
         heads = []
         for h in range(H):
             pos_n = active_BTH[b, :, h].nonzero().squeeze(1)  # (n,) ascending positions
+            pos_n = pos_n[pos_n + q_offset >= pad]
             out_TD = q_BHTD.new_zeros(T, D)
             if pos_n.numel():
                 kv = h // group
                 o_nD = _one_head(
-                    q_BHTD[b, h, pos_n], pos_n + q_offset, k_BKTD[b, kv], v_BKTD[b, kv], scale, chunk
+                    q_BHTD[b, h, pos_n], pos_n + q_offset - pad, k_BKTD[b, kv, pad:], v_BKTD[b, kv, pad:], scale, chunk
                 )
                 out_TD = out_TD.index_put((pos_n,), o_nD)
             heads.append(out_TD)

@@ -32,7 +32,8 @@ def head_sparse_attention_reference(
     v_BKTD: torch.Tensor,
     active_BTH: torch.Tensor,
     q_offset: int = 0,
+    left_pad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mask-after-compute: every head attends for every token, then inactive pairs are zeroed."""
-    out_BHTD = causal_sdpa(q_BHTD, k_BKTD, v_BKTD, q_offset)
+    out_BHTD = causal_sdpa(q_BHTD, k_BKTD, v_BKTD, q_offset, left_pad)
     return out_BHTD.transpose(1, 2) * active_BTH.unsqueeze(-1).to(out_BHTD.dtype)  # (B, T, H, D)

@@ -9,8 +9,17 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_sdpa(q_BHQD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+def causal_sdpa(
+    q_BHQD: torch.Tensor,
+    k_BKTD: torch.Tensor,
+    v_BKTD: torch.Tensor,
+    q_offset: int = 0,
+    left_pad: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Queries sit at positions ``q_offset .. q_offset+Tq-1``; keys at ``0 .. Tk-1``; query i sees key j <= i.
+
+    ``left_pad`` (B,): row b's first ``left_pad[b]`` tokens are padding, never seen as keys. A padded
+    query sees only itself (its output is finite and meaningless; callers ignore it).
 
     SDPA's ``is_causal`` aligns the mask top-left, which is only right when Tq == Tk, so other
     cases get an explicit mask (or none for a single query that sees every key). GQA is native
@@ -18,6 +27,12 @@ def causal_sdpa(q_BHQD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor
     """
     Tq, Tk = q_BHQD.shape[2], k_BKTD.shape[2]
     gqa = q_BHQD.shape[1] != k_BKTD.shape[1]
+    if left_pad is not None and bool(left_pad.any()):
+        q_pos = torch.arange(q_offset, q_offset + Tq, device=q_BHQD.device)[:, None]  # (Tq, 1)
+        k_pos = torch.arange(Tk, device=q_BHQD.device)[None, :]  # (1, Tk)
+        pad = left_pad.to(q_BHQD.device)[:, None, None]  # (B, 1, 1)
+        mask_BQT = ((k_pos <= q_pos) & (k_pos >= pad)) | ((q_pos < pad) & (k_pos == q_pos))
+        return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, attn_mask=mask_BQT[:, None], enable_gqa=gqa)
     if q_offset == 0 and Tq == Tk:
         return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, is_causal=True, enable_gqa=gqa)
     if Tq == 1 and q_offset == Tk - 1:  # one decode query sees every key

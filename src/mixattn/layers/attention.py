@@ -58,6 +58,7 @@ class AttnContext:
     q_offset: int = 0
     cache: KVCache | None = None  # or a RaggedKVCache when a sparse plan is applied
     ref_len: int | None = None  # sparse plans: reference length N (generation: prompt + max_new_tokens)
+    left_pad: torch.Tensor | None = None  # (B,) padding tokens at the start of each row, never attended to
 
 
 @dataclass

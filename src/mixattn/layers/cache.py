@@ -50,7 +50,8 @@ class RaggedKVCache:
     the memory is the sum over heads, never a per-layer maximum. Keys are stored after RoPE at their
     original positions.
 
-    ``left_pad`` (B,) supports left-padded batches as the sparse kernels do: row b's positions count
+    ``left_pad`` (B,), given with the first write, supports left-padded batches as the sparse
+    kernels do: row b's positions count
     from its first real token (index ``left_pad[b]``), so its sink is that token onwards and padded
     keys are never stored or seen. RoPE is relative, so keys keep their absolute rotation.
 
@@ -60,7 +61,7 @@ class RaggedKVCache:
     head always hold exactly the keys its newest query may see (see ``attend``).
     """
 
-    def __init__(self, sink: torch.Tensor, span: torch.Tensor, ref_len: int, left_pad: torch.Tensor | None = None):
+    def __init__(self, sink: torch.Tensor, span: torch.Tensor, ref_len: int):
         self.sink = [int(s) for s in sink]
         self.span = [int(s) for s in span]
         self.ref_len = ref_len
@@ -77,11 +78,13 @@ class RaggedKVCache:
             start += self.caps[h]
         self.k = self.v = None
         self._perm = None  # (order, inverse) index tensors when the buffer order is not the head order
-        self.left_pad = left_pad if left_pad is not None and bool(left_pad.any()) else None
+        self.left_pad = None  # (B,) set by the first write
+        self._extra = KVCache(ref_len)  # other per-token state, e.g. a token-graph router's probs
         self.length = 0  # tokens written so far (padding included)
 
-    def _alloc(self, like_BHTD: torch.Tensor) -> None:
+    def _alloc(self, like_BHTD: torch.Tensor, left_pad: torch.Tensor | None) -> None:
         B, _, T, D = like_BHTD.shape
+        self.left_pad = left_pad if left_pad is not None and bool(left_pad.any()) else None
         if self.left_pad is not None:
             if self.left_pad.shape != (B,) or int(self.left_pad.max()) >= T or int(self.left_pad.min()) < 0:
                 raise ValueError(f"left_pad must be (batch={B},) with values in [0, {T}) (the prompt length)"
@@ -103,11 +106,12 @@ class RaggedKVCache:
             return p if p < s else s + (p - s) % w
         return torch.where(p < s, p, s + (p - s) % w)
 
-    def write(self, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> None:
-        """Store T new tokens (positions length .. length+T-1). Only tokens some future query can
-        still see are written, so no slot is written twice in one call."""
+    def write(self, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor, left_pad: torch.Tensor | None = None) -> None:
+        """Store T new tokens (token indices length .. length+T-1). Only tokens some future query can
+        still see are written, so no slot is written twice in one call. ``left_pad`` (B,) is read
+        at the first write (the prompt) and holds for the cache's life."""
         if self.k is None:
-            self._alloc(k_BHTD)
+            self._alloc(k_BHTD, left_pad)
         T = k_BHTD.shape[2]
         if self.length + T > self.ref_len:
             raise ValueError(f"ragged cache sized for {self.ref_len} tokens; got position {self.length + T - 1}")
@@ -167,8 +171,12 @@ class RaggedKVCache:
             o_BKGD = o_BKGD.index_select(1, self._perm[1])  # back to head order
         return o_BKGD.reshape(B, H, 1, D)
 
+    def extend(self, name: str, x_BHTD: torch.Tensor) -> torch.Tensor:
+        """Dense append-only state other than K/V (``KVCache.extend``): token-graph routers keep
+        their past probabilities and keys here, whatever the attention plan."""
+        return self._extra.extend(name, x_BHTD)
+
     def nbytes(self) -> int:
-        """Bytes of K and V actually allocated."""
-        if self.k is None:
-            return 0
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        """Bytes actually allocated: K and V, plus any state kept through ``extend``."""
+        kv = 0 if self.k is None else self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return kv + self._extra.nbytes()

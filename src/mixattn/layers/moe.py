@@ -76,8 +76,8 @@ class MoE(nn.Module):
     def forward(self, x_BTd: torch.Tensor, ctx: AttnContext | None = None, graph_qk=None) -> LayerOutput:
         check_input(x_BTd, self.hidden_dim, "MoE")
         B, T, d = x_BTd.shape
-        cache, offset = (ctx.cache, ctx.q_offset) if ctx is not None else (None, 0)
-        r = self.router(x_BTd, graph_qk=graph_qk, cache=cache, q_offset=offset)
+        cache, offset, pad = (ctx.cache, ctx.q_offset, ctx.left_pad) if ctx is not None else (None, 0, None)
+        r = self.router(x_BTd, graph_qk=graph_qk, cache=cache, q_offset=offset, left_pad=pad)
         y_Nd = self.experts(x_BTd.reshape(B * T, d), r.indices, r.weights)
         y = y_Nd.view(B, T, d)
         if self.shared is not None:

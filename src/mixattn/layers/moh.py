@@ -131,7 +131,7 @@ class MoHAttention(Attention):
         parts = []
         if Hs:
             shared = range(0, Hs)
-            o_sh = causal_sdpa(q[:, :Hs], self._kv_for(shared, k), self._kv_for(shared, v), ctx.q_offset)
+            o_sh = causal_sdpa(q[:, :Hs], self._kv_for(shared, k), self._kv_for(shared, v), ctx.q_offset, ctx.left_pad)
             parts.append(o_sh.transpose(1, 2))  # (B, T, Hs, D)
         routed = range(Hs, H)
         sparse = kernels.get("head_sparse_attention", self.moh.impl)
@@ -142,6 +142,7 @@ class MoHAttention(Attention):
                 self._kv_for(routed, v),
                 active_NH[:, Hs:].view(B, T, H - Hs),
                 q_offset=ctx.q_offset,
+                left_pad=ctx.left_pad,
             )
         )
         o_BTHD = torch.cat(parts, dim=2) * gates_NH.view(B, T, H, 1).to(q.dtype)

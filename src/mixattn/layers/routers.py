@@ -116,6 +116,7 @@ class Router(nn.Module):
         graph_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache=None,
         q_offset: int = 0,
+        left_pad: torch.Tensor | None = None,
     ) -> RouterOutput:
         """Route tokens.
 
@@ -126,6 +127,7 @@ class Router(nn.Module):
                 attention-aware graph.
             cache: a ``KVCache`` for decoding with a token graph (past keys and probs are kept).
             q_offset: position of the first token of ``x`` (decoding).
+            left_pad: (B,) left padding per row; padded tokens stay out of the token graph.
         """
         cfg = self.cfg
         B, T, _ = x_BTd.shape
@@ -138,7 +140,7 @@ class Router(nn.Module):
             logits_NE = logits_NE + torch.randn_like(logits_NE) * cfg.noise_std
         probs_NE = torch.sigmoid(logits_NE) if cfg.scoring == "sigmoid" else torch.softmax(logits_NE, dim=-1)
         if cfg.graph != "none":
-            probs_NE = self._smooth(x_BTd, probs_NE, graph_qk, cache, q_offset)
+            probs_NE = self._smooth(x_BTd, probs_NE, graph_qk, cache, q_offset, left_pad)
 
         select_NE = logits_NE if (cfg.select_on == "logits" and cfg.graph == "none") else probs_NE
         if self.selection_bias is not None:  # bias steers selection only, never the gate value
@@ -160,7 +162,7 @@ class Router(nn.Module):
                 w_NK = w_NK * k
         return _ste_ones(w_NK) if self.cfg.gate == "binary_ste" else w_NK
 
-    def _smooth(self, x_BTd, probs_NE, graph_qk, cache, q_offset) -> torch.Tensor:
+    def _smooth(self, x_BTd, probs_NE, graph_qk, cache, q_offset, left_pad=None) -> torch.Tensor:
         """Average each token's expert probs over a causal token graph, without building it.
 
         The graph-weighted average G @ P is an attention call with P as the values: the similarity
@@ -177,13 +179,13 @@ class Router(nn.Module):
             if cache is not None:
                 keys_B1Td = cache.extend("router_keys", keys_B1Td)
             queries = x_BTd.unsqueeze(1) / self.cfg.graph_temperature
-            out_B1TE = causal_sdpa(queries, keys_B1Td, p_B1TE, q_offset)
+            out_B1TE = causal_sdpa(queries, keys_B1Td, p_B1TE, q_offset, left_pad)
             return out_B1TE.squeeze(1).reshape(B * T, E).float()
         if graph_qk is None:
             raise ValueError("attention-aware routing needs the preceding attention's (q, k)")
         q_BHTD, k_BKTD = graph_qk
         v_BKTE = p_B1TE.expand(-1, k_BKTD.shape[1], -1, -1)
-        out_BHTE = causal_sdpa(q_BHTD, k_BKTD, v_BKTE, q_offset)
+        out_BHTE = causal_sdpa(q_BHTD, k_BKTD, v_BKTE, q_offset, left_pad)
         return out_BHTE.mean(dim=1).reshape(B * T, E).float()
 
     @torch.no_grad()

@@ -61,25 +61,26 @@ def attend(q, k, v, ctx, spec: SparseSpec | None) -> torch.Tensor:
 
     With no spec this is dense causal attention. With a spec, N is
     ``ctx.ref_len`` (generation: prompt + max_new_tokens) or the total length; an all-dense layer
-    at N takes exactly the dense code path, so an all-dense plan changes nothing.
+    at N takes exactly the dense code path, so an all-dense plan changes nothing. ``ctx.left_pad``
+    (B,) marks left padding: padded keys are never seen and sinks start at each row's first token.
     """
-    cache = ctx.cache
+    cache, pad = ctx.cache, ctx.left_pad
     if isinstance(cache, RaggedKVCache):
         if cache.length and q.shape[2] > 1:
             raise ValueError("a ragged KV cache decodes one token at a time after the prefill")
         if cache.length == 0 and spec is not None:  # prefill: attention over the prompt itself
             N = cache.ref_len
-            cache.write(k, v)
+            cache.write(k, v, left_pad=pad)
             if spec.is_dense_at(N):
-                return causal_sdpa(q, k, v)
-            return kernels.get("sparse_attention", _pick(spec.impl, q))(q, k, v, spec.sinks(), spec.spans(N))
+                return causal_sdpa(q, k, v, left_pad=pad)
+            return kernels.get("sparse_attention", _pick(spec.impl, q))(q, k, v, spec.sinks(), spec.spans(N), pad)
         cache.write(k, v)
         return cache.attend(q)
     if spec is None:
-        return causal_sdpa(q, k, v, ctx.q_offset)
+        return causal_sdpa(q, k, v, ctx.q_offset, pad)
     N = ctx.ref_len or k.shape[2]
     if spec.is_dense_at(N):
-        return causal_sdpa(q, k, v, ctx.q_offset)
+        return causal_sdpa(q, k, v, ctx.q_offset, pad)
     if ctx.q_offset:  # chunked decoding over a dense cache: only the reference handles the offset
-        return kernels.get("sparse_attention", "reference")(q, k, v, spec.sinks(), spec.spans(N), q_offset=ctx.q_offset)
-    return kernels.get("sparse_attention", _pick(spec.impl, q))(q, k, v, spec.sinks(), spec.spans(N))
+        return kernels.get("sparse_attention", "reference")(q, k, v, spec.sinks(), spec.spans(N), pad, ctx.q_offset)
+    return kernels.get("sparse_attention", _pick(spec.impl, q))(q, k, v, spec.sinks(), spec.spans(N), pad)

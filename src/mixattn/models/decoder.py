@@ -116,12 +116,17 @@ class MixtureLM(nn.Module):
         start_pos: int = 0,
         balance_buffer: BalanceBuffer | None = None,
         ref_len: int | None = None,
+        left_pad: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Args:
         input_ids: (B, T) token ids at positions ``start_pos .. start_pos+T-1``.
         cache: from ``new_cache()``, for incremental decoding (filled in place).
         balance_buffer: count buffer for ``balance="global"`` (owned by the training loop).
         ref_len: reference length N for sparse plans (default: start_pos + T).
+        left_pad: (B,) number of padding tokens at the start of each row, for batches of prompts of
+            unequal length; pass the same tensor at every decoding step. Padded tokens are never
+            attended to and sparse sinks start at each row's first real token; RoPE is relative,
+            so a row's outputs match the unpadded prompt's. Logits at padded positions are meaningless.
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(
@@ -130,12 +135,14 @@ class MixtureLM(nn.Module):
         if input_ids.numel() and int(input_ids.max()) >= self.cfg.vocab_size:
             raise ValueError(f"token id {int(input_ids.max())} >= vocab_size {self.cfg.vocab_size}")
         B, T = input_ids.shape
+        if left_pad is not None:
+            left_pad = _check_left_pad(left_pad, B, start_pos + T).to(input_ids.device)
         cos, sin = self.rope(torch.arange(start_pos, start_pos + T, device=input_ids.device))
         x = self.embed(input_ids)
         routers: list[tuple[str, RouterOutput]] = []
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
-            ctx = AttnContext(cos.to(x.dtype), sin.to(x.dtype), start_pos, layer_cache, ref_len)
+            ctx = AttnContext(cos.to(x.dtype), sin.to(x.dtype), start_pos, layer_cache, ref_len, left_pad)
             x, ar, fr = layer(x, ctx)
             routers += [(f"layers.{i}.{part}", r) for part, r in (("attn", ar), ("ffn", fr)) if r is not None]
         logits = self.lm_head(self.norm(x))
@@ -166,9 +173,11 @@ class MixtureLM(nn.Module):
         stop_tokens: tuple[int, ...] = (),
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        left_pad: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation. input_ids (B, T) -> (B, T + n), n <= max_new_tokens;
-        stops early once every row has produced a stop token (rows that stopped are padded with it)."""
+        stops early once every row has produced a stop token (rows that stopped are padded with it).
+        Prompts of unequal length: left-pad them (``pad_left``) and pass ``left_pad`` (B,)."""
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         was_training = self.training
@@ -176,7 +185,7 @@ class MixtureLM(nn.Module):
         N = input_ids.shape[1] + max_new_tokens  # sparse plans size spans (and caches) once, for N
         cache = self.new_cache(N) if use_cache else None
         seq, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        logits = self(seq, cache, ref_len=N).logits[:, -1]
+        logits = self(seq, cache, ref_len=N, left_pad=left_pad).logits[:, -1]
         for _ in range(max_new_tokens):
             nxt = _sample(logits, temperature, top_k, generator)
             if stop_tokens:
@@ -186,11 +195,30 @@ class MixtureLM(nn.Module):
             if stop_tokens and bool(done.all()):
                 break
             if use_cache:
-                logits = self(nxt[:, None], cache, start_pos=seq.shape[1] - 1, ref_len=N).logits[:, -1]
+                logits = self(nxt[:, None], cache, start_pos=seq.shape[1] - 1, ref_len=N, left_pad=left_pad).logits[:, -1]
             else:
-                logits = self(seq, ref_len=N).logits[:, -1]
+                logits = self(seq, ref_len=N, left_pad=left_pad).logits[:, -1]
         self.train(was_training)
         return seq
+
+
+def _check_left_pad(left_pad: torch.Tensor, B: int, length: int) -> torch.Tensor:
+    if not isinstance(left_pad, torch.Tensor) or left_pad.shape != (B,) or left_pad.is_floating_point():
+        raise ValueError(f"left_pad must be an integer tensor of shape ({B},), got {left_pad!r}")
+    if int(left_pad.min()) < 0 or int(left_pad.max()) >= length:
+        raise ValueError(f"left_pad values must be in [0, {length}) so every row keeps a token, got {left_pad.tolist()}")
+    return left_pad
+
+
+def pad_left(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of unequal length -> (input_ids (B, T_max) padded on the left, left_pad (B,))."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("pad_left needs at least one prompt and no empty prompt")
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+    return ids, torch.tensor([T - len(p) for p in prompts])
 
 
 def _sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
