@@ -135,8 +135,9 @@ class MixtureLM(nn.Module):
         if input_ids.numel() and int(input_ids.max()) >= self.cfg.vocab_size:
             raise ValueError(f"token id {int(input_ids.max())} >= vocab_size {self.cfg.vocab_size}")
         B, T = input_ids.shape
-        if left_pad is not None:
+        if left_pad is not None:  # checked once here; no padding at all takes the unpadded paths
             left_pad = _check_left_pad(left_pad, B, start_pos + T).to(input_ids.device)
+            left_pad = left_pad if bool(left_pad.any()) else None
         cos, sin = self.rope(torch.arange(start_pos, start_pos + T, device=input_ids.device))
         x = self.embed(input_ids)
         routers: list[tuple[str, RouterOutput]] = []
