@@ -188,13 +188,13 @@ def sparse_flex(q, k, v, sink, span):
     B, H, T, D = q.shape
     G = H // k.shape[1]
     groups = _rule_groups(sink, span)
-    out = q.new_empty(B, H, T, D) if len(groups) > 1 else None
+    if len(groups) == 1:  # a uniform layer: one call, no gather
+        bm = flex_block_mask(T, sink.to(q.device), span.to(q.device), G)
+        return _compiled_flex()(q, k, v, block_mask=bm, enable_gqa=G > 1)
+    out = q.new_empty(B, H, T, D)
     for heads in groups:
         idx = torch.tensor(heads, device=q.device)
         q_idx = (idx[:, None] * G + torch.arange(G, device=q.device)).flatten()  # this group's query heads
         bm = flex_block_mask(T, sink[idx].to(q.device), span[idx].to(q.device), G)
-        if out is None:
-            return _compiled_flex()(q, k, v, block_mask=bm, enable_gqa=G > 1)
-        o = _compiled_flex()(q[:, q_idx], k[:, idx], v[:, idx], block_mask=bm, enable_gqa=G > 1)
-        out[:, q_idx] = o
+        out[:, q_idx] = _compiled_flex()(q[:, q_idx], k[:, idx], v[:, idx], block_mask=bm, enable_gqa=G > 1)
     return out

@@ -14,6 +14,17 @@ import torch
 import torch.nn.functional as F
 
 
+def check_left_pad(left_pad: torch.Tensor | None, B: int, length: int) -> torch.Tensor | None:
+    """Validate left padding (B,) for a batch whose first chunk has ``length`` tokens; None if no row is padded."""
+    if left_pad is None:
+        return None
+    if not isinstance(left_pad, torch.Tensor) or left_pad.shape != (B,) or left_pad.is_floating_point():
+        raise ValueError(f"left_pad must be an integer tensor of shape ({B},), got {left_pad!r}")
+    if int(left_pad.min()) < 0 or int(left_pad.max()) >= length:
+        raise ValueError(f"left_pad values must be in [0, {length}) so every row keeps a token, got {left_pad.tolist()}")
+    return left_pad if bool(left_pad.any()) else None
+
+
 class KVCache:
     """Named append-only (B, H, T, D) buffers for one layer."""
 
@@ -84,11 +95,8 @@ class RaggedKVCache:
 
     def _alloc(self, like_BHTD: torch.Tensor, left_pad: torch.Tensor | None) -> None:
         B, _, T, D = like_BHTD.shape
-        self.left_pad = left_pad if left_pad is not None and bool(left_pad.any()) else None
+        self.left_pad = check_left_pad(left_pad, B, T)  # T: the prompt, written first
         if self.left_pad is not None:
-            if self.left_pad.shape != (B,) or int(self.left_pad.max()) >= T or int(self.left_pad.min()) < 0:
-                raise ValueError(f"left_pad must be (batch={B},) with values in [0, {T}) (the prompt length)"
-                                 f", got {self.left_pad.tolist()}")  # fmt: skip
             self.left_pad = self.left_pad.to(like_BHTD.device)
         total = sum(self.caps)
         self.k = like_BHTD.new_zeros(B, total, D)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..layers.attention import Attention, AttnContext, RotaryEmbedding
 from ..layers.bam import BAMAttention, BAMSharedKVAttention
-from ..layers.cache import KVCache
+from ..layers.cache import KVCache, check_left_pad
 from ..layers.losses import BalanceBuffer, aux_loss
 from ..layers.moa import MoAAttention
 from ..layers.moe import MoE
@@ -135,9 +135,9 @@ class MixtureLM(nn.Module):
         if input_ids.numel() and int(input_ids.max()) >= self.cfg.vocab_size:
             raise ValueError(f"token id {int(input_ids.max())} >= vocab_size {self.cfg.vocab_size}")
         B, T = input_ids.shape
-        if left_pad is not None:  # checked once here; no padding at all takes the unpadded paths
-            left_pad = _check_left_pad(left_pad, B, start_pos + T).to(input_ids.device)
-            left_pad = left_pad if bool(left_pad.any()) else None
+        left_pad = check_left_pad(left_pad, B, start_pos + T)  # None when no row is padded: unpadded paths
+        if left_pad is not None:
+            left_pad = left_pad.to(input_ids.device)
         cos, sin = self.rope(torch.arange(start_pos, start_pos + T, device=input_ids.device))
         x = self.embed(input_ids)
         routers: list[tuple[str, RouterOutput]] = []
@@ -201,14 +201,6 @@ class MixtureLM(nn.Module):
                 logits = self(seq, ref_len=N, left_pad=left_pad).logits[:, -1]
         self.train(was_training)
         return seq
-
-
-def _check_left_pad(left_pad: torch.Tensor, B: int, length: int) -> torch.Tensor:
-    if not isinstance(left_pad, torch.Tensor) or left_pad.shape != (B,) or left_pad.is_floating_point():
-        raise ValueError(f"left_pad must be an integer tensor of shape ({B},), got {left_pad!r}")
-    if int(left_pad.min()) < 0 or int(left_pad.max()) >= length:
-        raise ValueError(f"left_pad values must be in [0, {length}) so every row keeps a token, got {left_pad.tolist()}")
-    return left_pad
 
 
 def pad_left(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
