@@ -20,3 +20,18 @@ def grads(out: torch.Tensor, tensors, seed: int = 1):
     """Gradients of a random projection of ``out`` (avoids expanded grads from .sum())."""
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     return torch.autograd.grad(out, tensors, g, allow_unused=True)
+
+
+def assert_fp_close(actual: torch.Tensor, expected: torch.Tensor, terms: int, chain: int = 4):
+    """Equal up to rounding, with the tolerance derived from the dtype and the magnitudes.
+
+    Two computations of the same value that differ only in summation order (thread count, SIMD
+    width, blocking, kernel choice) differ by about ``eps * sqrt(terms)`` of the summands' size per
+    reduction of ``terms`` products; ``chain`` bounds how many such reductions compound (layers,
+    backward). Elements near zero carry the rounding of their large summands, so the tolerance is
+    absolute, scaled by the largest expected magnitude.
+    """
+    eps = torch.finfo(expected.dtype).eps
+    scale = max(float(expected.detach().abs().max()), torch.finfo(expected.dtype).tiny)
+    tol = 4 * chain * eps * terms**0.5 * scale
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=0)

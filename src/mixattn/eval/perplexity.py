@@ -1,4 +1,9 @@
-"""Perplexity over a token stream, in non-overlapping windows (each window starts fresh)."""
+"""Perplexity over a token stream: several non-overlapping windows, each scored from a fresh start.
+
+``window_nlls`` scores ``windows`` windows of ``length`` tokens (a sparse plan sees reference length
+``length``) and reports the perplexity of the pooled tokens with a 95% interval from the spread of
+per-window mean NLLs (t distribution over windows; one window gives no interval).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,36 @@ def perplexity(model, ids: torch.Tensor, context: int = 2048) -> float:
         count += window.numel() - 1
     model.train(was_training)
     return math.exp(nll / count)
+
+
+@torch.no_grad()
+def window_nlls(model, ids: torch.Tensor, length: int, windows: int) -> dict:
+    """Mean NLL of each of ``windows`` consecutive windows of ``length`` tokens of ``ids`` (T,).
+
+    Returns {"length", "windows", "nll": [W floats], "ppl", "ppl_lo", "ppl_hi"}.
+    """
+    if length < 2 or windows < 1:
+        raise ValueError(f"window_nlls needs length >= 2 and windows >= 1, got {length}, {windows}")
+    if ids.dim() != 1 or ids.numel() < length * windows + 1:
+        raise ValueError(f"need {length * windows + 1} tokens for {windows} windows of {length}, got {ids.numel()}")
+    from scipy.stats import t as student_t
+
+    was_training = model.training
+    model.eval()
+    nlls = []
+    for w in range(windows):
+        win = ids[w * length : (w + 1) * length + 1]
+        logits = model(win[None, :-1], ref_len=length).logits[0].float()
+        nlls.append(float(F.cross_entropy(logits, win[1:])))
+    model.train(was_training)
+    mean = sum(nlls) / windows
+    if windows > 1:
+        sd = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (windows - 1))
+        half = float(student_t.ppf(0.975, windows - 1)) * sd / math.sqrt(windows)
+    else:
+        half = float("nan")
+    return {"length": length, "windows": windows, "nll": nlls, "ppl": math.exp(mean),
+            "ppl_lo": math.exp(mean - half), "ppl_hi": math.exp(mean + half)}  # fmt: skip
 
 
 def corpus_tokens(corpus: str, tokenizer, n_tokens: int, split: str = "val") -> torch.Tensor:

@@ -1,23 +1,80 @@
-"""Retrieval scoring. One forward over prompt + gold answer gives both metrics:
+"""Retrieval scoring of one ``Sample`` (RULER convention).
 
-- teacher-forced accuracy: the share of answer tokens that are the argmax given the gold prefix;
-- exact match of greedy generation: all answer tokens are the argmax, which is exactly the condition
-  for greedy decoding to emit the answer (each greedy step sees the same prefix as teacher forcing).
+- Primary: greedy generation of up to ``max_new_tokens`` tokens after the prompt, stopped at a stop
+  token (EOS); correct iff the generated text contains every answer string (``is_hit``).
+- Secondary: the log-probability of the answer's content tokens given the context, where context and
+  answer were tokenized as one string (``Sample.context_ids + Sample.answer_ids``), so whitespace
+  before the answer is context and not scored.
 
-The reference length N for sparse plans is prompt + answer + ``slack`` (as when generating).
+Both use the same reference length N = prompt + ``max_new_tokens`` for sparse plans (the cache is
+sized once, as in generation). The prompt is prefilled once: the log-probability teacher-forces the
+answer through a copy of the prefilled cache, one decode step per token.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from .tasks import Sample
 
 
+def is_hit(generated: str, answers) -> bool:
+    """True iff every answer string occurs in ``generated`` (RULER's string-match metric)."""
+    if not answers:
+        raise ValueError("answers must list at least one string")
+    return all(a in generated for a in answers)
+
+
+def _step(model, token: int, cache, pos: int, N: int) -> torch.Tensor:
+    """Logits (V,) after feeding one token at position ``pos``."""
+    return model(torch.tensor([[token]]), cache, start_pos=pos, ref_len=N).logits[0, -1].float()
+
+
 @torch.no_grad()
-def score(model, sample: Sample, slack: int = 8) -> tuple[bool, float]:
-    ids = torch.tensor(sample.prompt_ids + sample.answer_ids)[None]
-    n = len(sample.answer_ids)
-    logits = model(ids[:, :-1], ref_len=ids.shape[1] + slack).logits[0, -n:]
-    hits = logits.argmax(-1) == ids[0, -n:]
-    return bool(hits.all()), float(hits.float().mean())
+def score(model, tok, sample: Sample, max_new_tokens: int = 16, stop_tokens=None) -> dict:
+    """Generation hit, generated text and answer log-probability of one sample.
+
+    Returns {"hit": bool, "generated": str, "logprob": float (sum over the A content tokens),
+    "answer_tokens": A, "ref_len": N}.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if stop_tokens is None:
+        eos = getattr(tok, "eos_token_id", None)
+        stop_tokens = () if eos is None else (int(eos),)
+    was_training = model.training
+    model.eval()
+    P = len(sample.prompt_ids)
+    joint = sample.context_ids + sample.answer_ids
+    C = len(sample.context_ids)
+    N = P + max(max_new_tokens, len(joint) - P)  # plans see one reference length for both scores
+    cache = model.new_cache(N)
+    first = model(torch.tensor([sample.prompt_ids]), cache, ref_len=N).logits[0, -1].float()
+
+    if joint[:P] == sample.prompt_ids and C >= P:  # teacher-force the rest of the joint string
+        tf_cache, logits, lp = copy.deepcopy(cache), first, 0.0
+        for t in range(P, len(joint)):
+            if t >= C:
+                lp += float(torch.log_softmax(logits, -1)[joint[t]])
+            if t + 1 < len(joint):
+                logits = _step(model, joint[t], tf_cache, t, N)
+        del tf_cache
+    else:  # the tokenizer merged prompt and answer differently: one full forward over the joint string
+        all_logits = model(torch.tensor([joint[:-1]]), ref_len=N).logits[0].float()
+        lps = torch.log_softmax(all_logits[C - 1 :], -1)
+        lp = float(lps.gather(-1, torch.tensor(sample.answer_ids)[:, None]).sum())
+
+    out, logits = [], first
+    for i in range(max_new_tokens):
+        nxt = int(logits.argmax())
+        if nxt in stop_tokens:
+            break
+        out.append(nxt)
+        if i + 1 < max_new_tokens:
+            logits = _step(model, nxt, cache, P + i, N)
+    model.train(was_training)
+    text = tok.decode(out)
+    return {"hit": is_hit(text, sample.answers), "generated": text, "logprob": lp,
+            "answer_tokens": len(sample.answer_ids), "ref_len": N}  # fmt: skip
