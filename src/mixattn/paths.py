@@ -99,3 +99,96 @@ def content_digest(path: str | os.PathLike) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings left by a killed save (dead PID only)."""
+    import shutil
+
+    for p in target.parent.glob(f".{target.name}.*-*-*"):
+        kind, _, rest = p.name[len(target.name) + 2 :].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def atomic_dir(target: str | os.PathLike, write) -> Path:
+    """Run ``write(tmp_dir)`` then move ``tmp_dir`` onto ``target`` (replacing it) only on success.
+
+    The previous ``target`` survives until the new one is complete. Temporary folders carry the
+    writer's PID, so the leftovers of a killed writer are removed by the next save, never those of a
+    live one."""
+    import shutil
+    import tempfile
+
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file; a folder is expected there")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    try:
+        write(tmp)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+LOCK_NAME = ".mixattn.lock"
+
+
+class locked:
+    """``with locked(folder):`` holds an exclusive advisory lock (``flock``) on ``folder`` for one writer.
+    A second process (or a second ``locked`` in this one) gets a ``ValueError`` naming the holder at
+    once, instead of racing on the same files. The lock is released by the OS if the holder dies."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._fh = None
+
+    def __enter__(self) -> Path:
+        import fcntl
+
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"{self.folder} is a file; a folder is expected there")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fh = open(self.folder / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise ValueError(f"{self.folder} is in use by {holder}; wait for it to finish or use another folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"mixattn process {os.getpid()}")
+        fh.flush()
+        self._fh = fh
+        return self.folder
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+        self._fh = None
+        return False

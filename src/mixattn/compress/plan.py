@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..paths import atomic_write, read_json
+from ..paths import atomic_write, read_json, save_figure
 
 FORMAT = "mixattn-plan/1"
 
@@ -52,12 +52,23 @@ class HeadRule:
 DENSE = HeadRule(0, 0.0, 1.0)
 
 
+def _check_lengths(lengths, where: str) -> None:
+    """Reference lengths: a non-empty list of integers >= 1 (densities divide by them)."""
+    ok = isinstance(lengths, (list, tuple)) and len(lengths) > 0
+    ok = ok and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths)
+    if not ok:
+        raise ValueError(f"{where} must be a non-empty list of integers >= 1, got {lengths!r}")
+
+
 @dataclass(frozen=True)
 class Plan:
     layers: tuple[tuple[HeadRule, ...], ...]  # [layer][kv head]
     model_name: str = ""
     profile_lengths: tuple[int, ...] = (1024, 2048, 4096)
     meta: dict = field(default_factory=dict, compare=False)  # provenance: method, budget, objective...
+
+    def __post_init__(self):
+        _check_lengths(self.profile_lengths, "plan profile_lengths")
 
     @property
     def num_layers(self) -> int:
@@ -108,15 +119,20 @@ class Plan:
                     heads.append(rule)
                 layers.append(tuple(heads))
             model = data.get("model", {})
-            lengths = tuple(int(n) for n in data.get("profile_lengths", (1024, 2048, 4096)))
-        except (KeyError, TypeError) as e:
+            lengths = data.get("profile_lengths", [1024, 2048, 4096])
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{source}: malformed plan ({type(e).__name__}: {e})") from None
+        if not isinstance(model, dict) or not isinstance(model.get("name", ""), str):
+            raise ValueError(f"{source}: 'model' must be an object whose 'name' is a string, got {model!r}")
+        _check_lengths(lengths, f"{source}: profile_lengths")
+        if not isinstance(data.get("meta", {}), dict):
+            raise ValueError(f"{source}: 'meta' must be an object")
         if not layers or len({len(layer) for layer in layers}) != 1 or not layers[0]:
             raise ValueError(f"{source}: every layer must list the same, non-zero number of KV heads")
         for key, want in (("num_layers", len(layers)), ("num_kv_heads", len(layers[0]))):
             if key in model and model[key] != want:
                 raise ValueError(f"{source}: model.{key}={model[key]} but the plan lists {want}")
-        return cls(tuple(layers), model.get("name", ""), lengths, data.get("meta", {}))
+        return cls(tuple(layers), model.get("name", ""), tuple(lengths), data.get("meta", {}))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file + rename): a failed save never leaves half a plan."""
@@ -213,11 +229,10 @@ class Plan:
             fig.colorbar(im, ax=ax)
         fig.suptitle(f"{self.model_name or 'plan'}: mean density {self.density([N]):.3f} @ {N}")
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        try:
+            return save_figure(fig, path, dpi=110)
+        finally:
+            plt.close(fig)
 
 
 def _rule_for_density(density: float, length: int, sink: int) -> HeadRule:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..paths import read_json
+from ..paths import atomic_dir, load_torch, read_json
 from .config import MixtureConfig
 from .decoder import MixtureLM
 
@@ -29,26 +27,6 @@ def model_tensors(model: MixtureLM) -> dict[str, torch.Tensor]:
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # shares storage with embed.weight
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def atomic_dir(target: Path, write) -> Path:
-    """Run ``write(tmp_dir)`` then move ``tmp_dir`` onto ``target`` (replacing it) only on success."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def save(
@@ -99,6 +77,25 @@ def load_weights(model: MixtureLM, directory: str | os.PathLike) -> None:
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
     load_state(model, tensors, str(path))
+    check_finite(model, str(path))
+
+
+def load_train_state(directory: str | os.PathLike) -> dict:
+    """The optimizer/step/RNG state saved beside the weights by the training loop."""
+    state = load_torch(Path(directory) / "train_state.pt", what="training state")
+    missing = [k for k in ("optimizer", "step", "rng") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{Path(directory) / 'train_state.pt'}: not a mixattn training state (no {missing[0]!r})")
+    return state
+
+
+def check_finite(model: MixtureLM, source: str) -> None:
+    """Refuse a model with NaN or infinite weights, naming the first such tensor: it would otherwise
+    train, save and generate garbage with exit status 0."""
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise ValueError(f"{source}: tensor {name!r} has {bad} non-finite values (NaN or inf); the weights are corrupt")
 
 
 def load_state(model: MixtureLM, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..models.hf.tokenizer import ByteTokenizer
-from ..paths import cache_dir
+from ..paths import atomic_dir, cache_dir
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".tex", ""}
 
@@ -100,8 +100,6 @@ def load_corpus(specs: list[str] | str, tokenizer=None, val_fraction: float = 0.
 
 def _tokenise(files, tokenizer, val_fraction, root: Path, name: str) -> None:
     from tqdm.auto import tqdm
-
-    from ..models.checkpoint import atomic_dir
 
     dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from ..layers.losses import BalanceBuffer, max_vio, routing_fluctuation
 from ..models import checkpoint
 from ..models.decoder import MixtureLM, count_parameters
+from ..paths import write_json, write_text
 from .data import TokenData
 
 
@@ -41,6 +45,7 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     seed: int = 0
+    on_nonfinite: str = "stop"  # stop (error, last checkpoint kept) | skip (drop the step's update)
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd"):
@@ -48,8 +53,12 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train {name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_frac <= 1:
-            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and 0 < decay_frac <= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_frac <= 1:
+            raise ValueError("need a finite lr > 0, 0 <= min_lr_ratio <= 1 and 0 < decay_frac <= 1")
+        if self.warmup_steps < 0 or self.seed < 0:
+            raise ValueError(f"train warmup_steps and seed must be >= 0, got {self.warmup_steps} and {self.seed}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite={self.on_nonfinite!r} is not one of ('stop', 'skip')")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -93,6 +102,51 @@ def evaluate(model: MixtureLM, data: TokenData, cfg: TrainConfig) -> dict:
     return {"val_loss": sum(losses) / len(losses), "max_vio": vio, "top1": top1}
 
 
+class Terminated(Exception):
+    """SIGTERM arrived during training (``timeout``, ``docker stop``, Slurm): handled like Ctrl-C."""
+
+
+class NonFiniteLoss(ValueError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@contextmanager
+def _sigterm_raises():
+    """While training, SIGTERM raises ``Terminated`` so the loop can checkpoint before exiting; the
+    previous handler is restored afterwards (signals can only be set from the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric rows after ``step`` (written after the checkpoint a resume starts from), so a
+    resumed run's log has no duplicate rows."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = [line for line in rows if json.loads(line).get("step", 0) <= step]
+        if len(keep) != len(rows):
+            write_text(path, "".join(line + "\n" for line in keep))
+
+
+def check_data(data: TokenData, cfg: TrainConfig) -> None:
+    """Both splits must hold at least one sequence: found before training, not at the first evaluation."""
+    for split in ("train", "val"):
+        n = len(getattr(data, split))
+        if n < cfg.seq_len + 2:
+            raise ValueError(f"corpus {data.name}: the {split} split has {n} tokens, too few for seq_len={cfg.seq_len} "
+                             f"(needs {cfg.seq_len + 2}); use more text or a smaller --seq-len")
+
+
 def train(
     model: MixtureLM,
     data: TokenData,
@@ -110,9 +164,14 @@ def train(
         stop_at: stop (and checkpoint) after this many steps, as if interrupted.
         tokenizer: saved with every checkpoint (HF tokenizers; byte-level models need none).
     Returns a summary dict (final validation loss, tokens/s, parameters, routing statistics).
+
+    Ctrl-C (``KeyboardInterrupt``) and SIGTERM (``Terminated``) save a checkpoint at the current step
+    and re-raise. A NaN or infinite loss raises ``NonFiniteLoss`` (``cfg.on_nonfinite="stop"``) with
+    the last checkpoint kept, or skips that step's update (``"skip"``).
     """
     from tqdm.auto import tqdm
 
+    check_data(data, cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoint"
@@ -120,20 +179,18 @@ def train(
     opt = _optimizer(model, cfg)
     step, prev_top1, tok_time = 0, None, [0, 0.0]
     if resume:
-        state_path = ckpt_dir / "train_state.pt"
-        if not state_path.is_file():
+        if not (ckpt_dir / "train_state.pt").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
+        state = checkpoint.load_train_state(ckpt_dir)
         checkpoint.load_weights(model, ckpt_dir)
-        state = torch.load(state_path, weights_only=False)
         opt.load_state_dict(state["optimizer"])
         step, prev_top1, tok_time = state["step"], state["prev_top1"], state["tok_time"]
         torch.set_rng_state(state["rng"])
+        _keep_metrics_until(out_dir / "metrics.jsonl", step)
 
     buffer = BalanceBuffer() if model.cfg.balance == "global" else None
     biased = {n for n, m in model.named_modules() if getattr(m, "selection_bias", None) is not None}
-    log = (out_dir / "metrics.jsonl").open("a")
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
     summary: dict = {}
 
     def save_checkpoint():
@@ -141,63 +198,74 @@ def train(
                  "tok_time": tok_time, "rng": torch.get_rng_state(), "train": asdict(cfg)}  # fmt: skip
         checkpoint.save(model, ckpt_dir, train_state=state, extra={"step": step}, tokenizer=tokenizer)
 
+    def write_row(row: dict):  # flushed at once: a killed run's log ends at its last finished step
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
     model.train()
-    try:
-        while step < end:
-            t0 = time.perf_counter()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            counts: dict[str, torch.Tensor] = {}
-            total = aux_total = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = data.batch("train", step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
-                out = model(x, balance_buffer=buffer)
-                ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
-                ((ce + out.aux_loss) / cfg.grad_accum).backward()
-                total += float(ce.detach()) / cfg.grad_accum
-                aux_total += float(out.aux_loss.detach()) / cfg.grad_accum
-                for name, r in out.routers:
-                    counts[name] = counts.get(name, 0) + r.counts()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if buffer is not None:
-                buffer.reset()
-            for name in counts:  # DeepSeek-V3 aux-loss-free bias, once per optimizer step
-                router_name = f"{name}.router"
-                if router_name in biased:
-                    model.router(name).update_bias(counts[name])
-            step += 1
-            tok_time[0] += cfg.batch_size * cfg.seq_len * cfg.grad_accum
-            tok_time[1] += time.perf_counter() - t0
-            tps = tok_time[0] / max(tok_time[1], 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:.0f}")
-            if step % cfg.log_every == 0:
-                log.write(json.dumps({"step": step, "loss": total, "aux": aux_total,
-                                      "lr": lr_at(step - 1, cfg), "tok_s": tps}) + "\n")  # fmt: skip
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                ev = evaluate(model, data, cfg)
-                fluct = None
-                if prev_top1 is not None and ev["top1"]:
-                    fluct = sum(routing_fluctuation(prev_top1[n], ev["top1"][n]) for n in ev["top1"]) / len(ev["top1"])
-                prev_top1 = ev["top1"]
-                vio = sum(ev["max_vio"].values()) / len(ev["max_vio"]) if ev["max_vio"] else None
-                summary = {"step": step, "val_loss": ev["val_loss"], "max_vio": vio, "fluctuation": fluct}
-                log.write(json.dumps(summary) + "\n")
-                log.flush()
-                bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}")
-                save_checkpoint()
-    except KeyboardInterrupt:
-        save_checkpoint()
-        bar.write(f"interrupted: checkpoint saved at step {step}; continue with --resume")
-        raise
-    finally:
-        bar.close()
-        log.close()
+    with _sigterm_raises(), (out_dir / "metrics.jsonl").open("a") as log:
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
+        try:
+            while step < end:
+                t0 = time.perf_counter()
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, cfg)
+                counts: dict[str, torch.Tensor] = {}
+                total = aux_total = 0.0
+                for micro in range(cfg.grad_accum):
+                    x, y = data.batch("train", step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
+                    out = model(x, balance_buffer=buffer)
+                    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+                    ((ce + out.aux_loss) / cfg.grad_accum).backward()
+                    total += float(ce.detach()) / cfg.grad_accum
+                    aux_total += float(out.aux_loss.detach()) / cfg.grad_accum
+                    for name, r in out.routers:
+                        counts[name] = counts.get(name, 0) + r.counts()
+                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                finite = math.isfinite(total) and math.isfinite(aux_total) and math.isfinite(norm)
+                if finite:
+                    opt.step()
+                elif cfg.on_nonfinite == "stop":
+                    raise NonFiniteLoss(f"step {step + 1}: loss {total} / gradient norm {norm} is not finite "
+                                        f"(lr {lr_at(step, cfg):.3g}); the last checkpoint in {ckpt_dir} is kept. "
+                                        "Lower --lr, or pass --on-nonfinite skip")  # fmt: skip
+                else:
+                    write_row({"step": step + 1, "skipped": "non-finite loss or gradient", "loss": str(total)})
+                opt.zero_grad(set_to_none=True)
+                if buffer is not None:
+                    buffer.reset()
+                for name in counts if finite else ():  # DeepSeek-V3 aux-loss-free bias, once per optimizer step
+                    router_name = f"{name}.router"
+                    if router_name in biased:
+                        model.router(name).update_bias(counts[name])
+                step += 1
+                tok_time[0] += cfg.batch_size * cfg.seq_len * cfg.grad_accum
+                tok_time[1] += time.perf_counter() - t0
+                tps = tok_time[0] / max(tok_time[1], 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:.0f}")
+                if step % cfg.log_every == 0:
+                    write_row({"step": step, "loss": total, "aux": aux_total, "lr": lr_at(step - 1, cfg), "tok_s": tps})
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    ev = evaluate(model, data, cfg)
+                    fluct = None
+                    if prev_top1 is not None and ev["top1"]:
+                        fluct = sum(routing_fluctuation(prev_top1[n], ev["top1"][n]) for n in ev["top1"]) / len(ev["top1"])
+                    prev_top1 = ev["top1"]
+                    vio = sum(ev["max_vio"].values()) / len(ev["max_vio"]) if ev["max_vio"] else None
+                    summary = {"step": step, "val_loss": ev["val_loss"], "max_vio": vio, "fluctuation": fluct}
+                    write_row(summary)
+                    bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}")
+                    save_checkpoint()
+        except (KeyboardInterrupt, Terminated):
+            save_checkpoint()
+            bar.write(f"interrupted: checkpoint saved at step {step}; continue with --resume")
+            raise
+        finally:
+            bar.close()
     if stop_at is not None and step < cfg.steps:
         save_checkpoint()
     total_params, active_params = count_parameters(model)
     summary.update(tok_s=tok_time[0] / max(tok_time[1], 1e-9), params=total_params, active_params=active_params)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / "summary.json", summary)
     return summary

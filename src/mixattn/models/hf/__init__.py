@@ -47,8 +47,23 @@ def embedded_dir(name: str) -> Path:
     return target
 
 
+def resolve(source: str | Path) -> str | Path:
+    """``source`` itself, or the checkpoint inside a training run folder (``RUN/checkpoint``), so a
+    run folder works wherever a checkpoint does."""
+    path = Path(source)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoint" / "config.json").is_file():
+        return path / "checkpoint"
+    return source
+
+
 def load_pretrained(source: str | Path) -> MixtureLM:
-    """A ``MixtureLM`` from any supported source (see ``mixattn.load``)."""
+    """A ``MixtureLM`` from any supported source (see ``mixattn.load``); non-finite weights are refused."""
+    model = _load_any(resolve(source))
+    checkpoint.check_finite(model, str(source))
+    return model
+
+
+def _load_any(source: str | Path) -> MixtureLM:
     if str(source) in EMBEDDED:
         return checkpoint.load(embedded_dir(str(source)))
     path = Path(source)
@@ -66,11 +81,15 @@ def load_pretrained(source: str | Path) -> MixtureLM:
         return load_llama(path)
     if model_type == "jetmoe":
         return load_jetmoe(path)
+    if model_type is None:
+        raise ValueError(f"{path / 'config.json'}: unknown checkpoint format {hf.get('format')!r}: neither a mixattn "
+                         f"checkpoint (format {checkpoint.FORMAT!r}) nor an HF config with a model_type")
     raise ValueError(f"{path}: unsupported model_type {model_type!r}; supported: {', '.join((*LLAMA_TYPES, 'jetmoe'))}")
 
 
 def load_tokenizer(source: str | Path):
     """The tokenizer that goes with ``source``: HF files, the GGUF's own, or bytes for native models."""
+    source = resolve(source)
     if str(source) in EMBEDDED:
         return load_tokenizer_dir(embedded_dir(str(source)))
     path = Path(source)
@@ -91,4 +110,4 @@ def export(model: MixtureLM, directory: str | Path, format: str = "llama", token
     return out
 
 
-__all__ = ["EMBEDDED", "HFTokenizer", "embedded_dir", "export", "load_pretrained", "load_tokenizer"]
+__all__ = ["EMBEDDED", "HFTokenizer", "embedded_dir", "export", "load_pretrained", "load_tokenizer", "resolve"]

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from ...layers.moa import MoAConfig
 from ...layers.moe import MoEConfig
 from ...layers.routers import RouterConfig
-from ..checkpoint import atomic_dir
+from ...paths import atomic_dir
 from ..config import MixtureConfig
 from ..decoder import MixtureLM
 from . import keymaps

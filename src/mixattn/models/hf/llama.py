@@ -16,7 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ...paths import read_json
-from ..checkpoint import atomic_dir, load_state
+from ...paths import atomic_dir
+from ..checkpoint import load_state
 from ..config import MixtureConfig
 from ..decoder import MixtureLM
 from . import keymaps
