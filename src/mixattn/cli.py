@@ -195,29 +195,50 @@ def cmd_compress(a) -> int:
 
     plan = compress(a.model, a.density, _ints(a.lengths), out=a.out, samples=a.samples,
                     max_rules_per_layer=a.max_rules_per_layer, resume=a.resume,
-                    validate_length=a.validate_length)  # fmt: skip
-    print(plan.summary())
+                    validate_length=a.validate_length, validate_samples=a.validate_samples)  # fmt: skip
+    print(plan.summary(tuple(plan.meta.get("budget_lengths", plan.profile_lengths))))
+    if "validation" in plan.meta:
+        v = plan.meta["validation"]
+        print(f"chosen by answer loss at {v['length']} tokens ({v['samples']} prompts): "
+              + ", ".join(f"{k} {x:.4f}" for k, x in v["losses"].items()) + f" -> {plan.meta['candidate']}")
     print(f"plan: {a.out} (heatmap {Path(a.out).with_suffix('.png')})")
     return 0
 
 
 def cmd_eval(a) -> int:
-    from .compress.pipeline import baseline, load_model
+    from .compress.pipeline import baseline, load_model, matched
     from .compress.plan import Plan
-    from .eval.suite import evaluate, write
+    from .demo import GRIDS
+    from .eval.report import write
+    from .eval.suite import evaluate
 
-    model, tok = load_model(a.model)
-    lengths = _ints(a.lengths)
+    full = GRIDS["full"]
+    lengths = _ints(a.lengths) if a.lengths else full["eval_lengths"] if a.full else (1024, 2048, 4096)
+    depths = tuple(float(x) for x in a.depths.split(",")) if a.depths else full["depths"] if a.full else (0.25, 0.75)
+    samples = a.samples or (full["per_depth"] if a.full else 1)
+    task_names = a.tasks.split(",") if a.tasks else [*full["tasks"], "ppl", "speed"] if a.full else ["passkey", "ppl", "speed"]
+    ppl_windows = a.ppl_windows or (full["ppl_windows"] if a.full else 2)
     plans = {"dense": None}
     for p in a.plan:
         plans[Path(p).stem] = Plan.load(p)
+    specs = []
     for spec in a.baseline:
         kind, _, d = spec.partition(":")
-        plans[f"{kind} {d}"] = baseline(a.model, kind, float(d), max(lengths), model=model, tok=tok)
-    depths = tuple(float(x) for x in a.depths.split(","))
-    res = evaluate(model, tok, plans, a.tasks.split(","), lengths, depths, a.samples, ppl_tokens=max(lengths),
+        if d != "match" and not d.replace(".", "", 1).isdigit():
+            raise ValueError(f"--baseline {spec!r}: expected KIND:DENSITY (uniform:0.5) or KIND:match")
+        if d == "match" and not a.plan:
+            raise ValueError(f"--baseline {spec!r}: 'match' needs a --plan to match")
+        specs.append((kind, d))
+    model, tok = load_model(a.model)
+    for kind, d in specs:
+        if d == "match":  # the first plan's density at every eval length
+            plans[f"{kind} @{Path(a.plan[0]).stem}"] = matched(a.model, kind, plans[Path(a.plan[0]).stem], lengths,
+                                                               model=model, tok=tok)  # fmt: skip
+        else:  # elastic (uniform) or fitted at each length (duo): this density at every eval length
+            plans[f"{kind} {d}"] = {N: baseline(a.model, kind, float(d), N + 16, model=model, tok=tok) for N in lengths}
+    res = evaluate(model, tok, plans, task_names, lengths, depths, samples, ppl_windows=ppl_windows,
                    speed_context=max(lengths))  # fmt: skip
-    print(write(res, Path(a.out), list(plans), lengths))
+    print(write(res, Path(a.out)))
     print(f"\nresults: {a.out}/results.md, results.json, *.png")
     return 0
 
@@ -243,8 +264,10 @@ def cmd_plan(a) -> int:
 def cmd_demo(a) -> int:
     from .demo import run
 
-    densities = tuple(float(x) for x in a.densities.split(","))
-    print(run(a.model, densities, out=a.out))
+    densities = tuple(float(x) for x in a.densities.split(",")) if a.densities else None
+    print(run(a.model, a.grid, out=a.out, densities=densities, eval_lengths=_ints(a.eval_lengths) if a.eval_lengths
+              else None, samples=a.samples, per_depth=a.per_depth, tasks=tuple(a.tasks.split(",")) if a.tasks else None,
+              lengths=_ints(a.lengths) if a.lengths else None, validate_length=a.validate_length))  # fmt: skip
     print(f"\nplots and JSON in {a.out}/")
     return 0
 
@@ -309,9 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="smollm2-135m, an HF Llama-family dir, a .gguf, or a mixattn checkpoint")
     p.add_argument("--density", type=float, required=True, help="mean KV density budget at every profile length")
     p.add_argument("--lengths", default="1024,2048", help="profile lengths (comma-separated)")
-    p.add_argument("--samples", type=int, default=2, help="calibration samples per length")
+    p.add_argument("--samples", type=int, default=16, help="calibration samples per length")
     p.add_argument("--max-rules-per-layer", type=int)
     p.add_argument("--validate-length", type=int, help="choose between candidate plans by loss at this length")
+    p.add_argument("--validate-samples", type=int, default=4, help="held-out prompts for --validate-length")
     p.add_argument("--resume", action="store_true", help="reuse cached stages (calibration, partial profile)")
     p.add_argument("--out", required=True)
 
@@ -319,10 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--plan", action="append", default=[], help="plan JSON (repeatable)")
     p.add_argument("--baseline", action="append", default=[], metavar="KIND:DENSITY", help="uniform:0.5, duo:0.25")
-    p.add_argument("--tasks", default="passkey,ppl,speed", help="passkey,multikey,lines,passage,ppl,speed")
-    p.add_argument("--lengths", default="1024,2048,4096")
-    p.add_argument("--depths", default="0.25,0.75")
-    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--tasks", help="passkey,multikey,multivalue,vartrack,lines,passage,ppl,speed "
+                   "(default passkey,ppl,speed; --full: all retrieval tasks)")
+    p.add_argument("--lengths", help="default 1024,2048,4096 (--full: 1024,2048,4096,8192)")
+    p.add_argument("--depths", help="needle depths in [0, 1] (default 0.25,0.75; --full: 5 depths)")
+    p.add_argument("--samples", type=int, help="prompts per (task, length, depth) (default 1; --full: 4)")
+    p.add_argument("--ppl-windows", type=int, help="perplexity windows per length (default 2; --full: 8)")
+    p.add_argument("--full", action="store_true", help="the big grid: 5 tasks x 1k-8k x 5 depths x 4 = 20 per cell")
     p.add_argument("--out", required=True)
 
     p = add("plan", "show a plan (summary + heatmap) or build a baseline plan", cmd_plan)
@@ -337,7 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", "the main job: compress smollm2-135m and compare plans (what `make demo` runs)", cmd_demo)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--densities", default="0.5,0.25")
+    p.add_argument("--grid", choices=["demo", "full"], default="demo", help="demo: small grid (make demo); full: big")
+    p.add_argument("--densities", help="KV densities (default 0.5,0.25)")
+    p.add_argument("--lengths", help="profile lengths of the search")
+    p.add_argument("--samples", type=int, help="calibration samples per profile length")
+    p.add_argument("--validate-length", type=int, help="plan selection length")
+    p.add_argument("--eval-lengths", help="eval lengths")
+    p.add_argument("--tasks", help="retrieval tasks")
+    p.add_argument("--per-depth", type=int, help="prompts per (task, length, depth)")
     p.add_argument("--out", default="runs/demo")
 
     p = add("compare", "train several variants with one token budget and print a comparison table", cmd_compare)

@@ -1,21 +1,39 @@
-"""``make demo``: compress the embedded SmolLM2-135M for long context and compare, side by side,
-dense, uniform StreamingLLM, DuoAttention-style and mixattn plans at KV densities 0.5 and 0.25 on
-passkey retrieval up to 4k tokens, perplexity at 4k, KV memory and decode speed.
+"""``make demo``: compress the embedded SmolLM2-135M for long context and compare plans at equal KV
+density on the same prompts.
 
-Head scores are compared within one plan family: DuoAttention-style plans whose retrieval heads
-are picked by (a) attention mass outside sink + local window, (b) the gradient profile's influence
-outside that window, at the same density.
+Methods at each density d: the searched plan (``mixattn d``), StreamingLLM (``uniform d``: the same
+sink + elastic window for every head), DuoAttention-style head selection from attention mass
+(``duo d``) and from the gradient profile (``duo-gradient d``: the heads whose loss under a sink +
+local window is highest stay full, the profile-ranked "top heads full, rest short window" plan).
+Every baseline is refitted at each eval length to the searched plan's density there, so all methods
+of a density are compared at the same measured KV density (printed in the report).
+
+``GRIDS["demo"]`` is the small grid ``make demo`` runs (about 15 minutes on 2 cores);
+``GRIDS["full"]`` is the big grid of ``mixattn eval --full`` / ``mixattn demo --grid full``.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from .compress import optimize
-from .compress.pipeline import CORPORA, baseline, compress, load_model, work_dir_for
+from .compress.pipeline import compress, load_model, mass_scores, matched, work_dir_for
 from .compress.plan import HeadRule, Plan
 from .compress.profile import LOCAL, SINK, Profile
-from .eval.suite import evaluate, write
+from .eval import suite
+from .eval.report import write
+from .eval.verdict import verdicts
+
+GRIDS = {
+    "demo": {"densities": (0.5, 0.25), "lengths": (1024,), "samples": 8, "validate_length": 2048,
+             "eval_lengths": (1024, 2048), "tasks": ("passkey", "multikey"), "depths": (0.1, 0.3, 0.5, 0.7, 0.9),
+             "per_depth": 1, "ppl_windows": 2, "methods": ("uniform", "duo-gradient")},
+    "full": {"densities": (0.5, 0.25), "lengths": (1024, 2048, 4096), "samples": 16, "validate_length": 8192,
+             "eval_lengths": (1024, 2048, 4096, 8192), "tasks": ("passkey", "multikey", "multivalue", "vartrack", "lines"),
+             "depths": (0.05, 0.275, 0.5, 0.725, 0.95), "per_depth": 4, "ppl_windows": 8,
+             "methods": ("uniform", "duo", "duo-gradient")},
+}  # fmt: skip
 
 
 def gradient_duo(profile: Profile, density: float, length: int, name: str) -> Plan:
@@ -28,34 +46,54 @@ def gradient_duo(profile: Profile, density: float, length: int, name: str) -> Pl
     return plan
 
 
-def run(source: str = "smollm2-135m", densities=(0.5, 0.25), lengths=(1024, 2048), eval_lengths=(1024, 2048, 4096),
-        depths=(0.25, 0.75), samples: int = 2, out: str | Path = "runs/demo", progress: bool = True) -> str:  # fmt: skip
+def build_plans(source, model, tok, grid: dict, out: Path, progress: bool = True) -> tuple[dict, list]:
+    """{label: plan or {length: plan}} for every method of the grid, and the (a, b) pairs to test."""
+    plans, pairs = {"dense": None}, []
+    lengths, evals = tuple(grid["lengths"]), tuple(grid["eval_lengths"])
+    scores = mass_scores(model, tok) if "duo" in grid["methods"] else None
+    for d in grid["densities"]:
+        plan = compress(source, d, lengths, out=out / f"plan_{d}.json", samples=grid["samples"], model=model,
+                        tok=tok, validate_length=grid["validate_length"], progress=progress)  # fmt: skip
+        label = f"mixattn {d}"
+        for kind in grid["methods"]:
+            if kind == "duo-gradient":
+                prof = Profile.load(work_dir_for(source, lengths, grid["samples"], 0, _corpora()) / "profile.pt")
+                plans[f"{kind} {d}"] = {L: gradient_duo(prof, plan.density([L + 16]), L + 16, str(source)) for L in evals}
+            else:
+                plans[f"{kind} {d}"] = matched(source, kind, plan, evals, model=model, tok=tok, scores=scores)
+            pairs.append((label, f"{kind} {d}"))
+        plans[label] = plan
+        pairs.append((label, "dense"))
+    for label, plan in plans.items():
+        for L, p in (plan.items() if isinstance(plan, dict) else [(None, plan)]):
+            if p is not None:
+                p.save(out / "plans" / f"{label.replace(' ', '_')}{'' if L is None else f'@{L}'}.json")
+    return plans, pairs
+
+
+def _corpora():
+    from .compress.pipeline import CORPORA
+
+    return CORPORA
+
+
+def run(source: str = "smollm2-135m", grid: str | dict = "demo", out: str | Path = "runs/demo", progress: bool = True,
+        **overrides) -> str:  # fmt: skip
+    """Compress, evaluate every method on the same prompts, and write the report under ``out``."""
+    t0 = time.perf_counter()
+    g = dict(GRIDS[grid] if isinstance(grid, str) else grid, **{k: v for k, v in overrides.items() if v is not None})
     out = Path(out)
     model, tok = load_model(source)
-    N = eval_lengths[-1]
-    plans = {"dense": None}
-    for d in densities:
-        plan = compress(source, d, tuple(lengths), out=out / f"plan_{d}.json", samples=samples, model=model, tok=tok,
-                        progress=progress)  # fmt: skip
-        plans[f"uniform {d}"] = baseline(source, "uniform", d, N, model=model, tok=tok)
-        plans[f"duo {d}"] = baseline(source, "duo", d, N, model=model, tok=tok)
-        if d == densities[0]:
-            prof = Profile.load(work_dir_for(source, tuple(lengths), samples, 0, CORPORA) / "profile.pt")
-            plans[f"duo-gradient {d}"] = gradient_duo(prof, d, N, source)
-        plans[f"mixattn {d}"] = plan
-    for label, plan in plans.items():
-        if plan is not None:
-            plan.save(out / "plans" / f"{label.replace(' ', '_')}.json")
-    fast = {"dense"} | {f"{m} {d}" for m in ("uniform", "mixattn") for d in densities}
-    results = {"retrieval": [], "ppl": {}, "speed": {}}
-    for label, plan in plans.items():
-        tasks = ["passkey", "ppl"] + (["speed"] if label in fast else [])
-        r = evaluate(model, tok, {label: plan}, tasks, list(eval_lengths), list(depths), samples=1,
-                     ppl_tokens=N, speed_context=N, progress=progress)  # fmt: skip
-        results["retrieval"] += r["retrieval"]
-        results["ppl"].update(r["ppl"])
-        results["speed"].update(r["speed"])
-    table = write(results, out, list(plans), list(eval_lengths))
-    header = (f"{source}: passkey (exact match of the greedy answer, teacher-forced token accuracy) at depths "
-              f"{list(depths)}; perplexity on {N} held-out Shakespeare tokens; decode after a {N}-token prompt\n")
-    return header + "\n" + table
+    plans, pairs = build_plans(source, model, tok, g, out, progress)
+    evals = list(g["eval_lengths"])
+    ppl_lengths = [N for N in evals if N >= 2048] or evals[-1:]
+    results = suite.evaluate(model, tok, plans, [*g["tasks"], "ppl"], evals, list(g["depths"]), g["per_depth"],
+                             ppl_windows=g["ppl_windows"], ppl_lengths=ppl_lengths, progress=progress)  # fmt: skip
+    results["grid"] = {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+    results["wall_s"] = time.perf_counter() - t0
+    header = (f"# {source}: long-context retrieval at equal KV density\n\nGrid: tasks {', '.join(g['tasks'])}; "
+              f"lengths {evals}; depths {list(g['depths'])}; {g['per_depth']} prompt(s) per depth (own seed and "
+              f"key each); greedy generation of up to 16 tokens (48 multivalue, 40 vartrack), correct iff it "
+              f"contains the key. Search: profiles at {list(g['lengths'])}, {g['samples']} calibration samples per "
+              f"length, selection at {g['validate_length']}. Wall time {results['wall_s'] / 60:.1f} min.")  # fmt: skip
+    return write(results, out, pairs=pairs, verdicts=verdicts(results, g["densities"]), header=header)

@@ -108,7 +108,7 @@ def test_two_rules_per_layer_constraint_binds():
 
 def _saved_tiny(tmp_path):
     torch.manual_seed(0)
-    model = MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=512))
+    model = MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=1024))
     mixattn.save(model, tmp_path / "tiny")
     return tmp_path / "tiny"
 
@@ -117,18 +117,25 @@ def test_compress_cli_end_to_end_and_eval_outputs(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("MIXATTN_CACHE", str(tmp_path / "cache"))
     src = _saved_tiny(tmp_path)
     plan_path = tmp_path / "plan.json"
-    assert main(["compress", str(src), "--density", "0.5", "--lengths", "128,256", "--out", str(plan_path)]) == 0
+    assert main(["compress", str(src), "--density", "0.5", "--lengths", "640,768", "--samples", "2",
+                 "--validate-length", "1024", "--validate-samples", "1", "--out", str(plan_path)]) == 0  # fmt: skip
     plan = Plan.load(plan_path)
     plan.validate(mixattn.load(src).cfg)
-    assert all(plan.density([N]) <= 0.5 + 1e-9 for N in (128, 256))
+    assert all(plan.density([N]) <= 0.5 + 1e-9 for N in (640, 768, 1024))
+    assert set(plan.meta["validation"]["losses"]) >= {"milp", "milp-2-rules"}
     assert plan_path.with_suffix(".png").is_file()
     out = tmp_path / "eval"
-    assert main(["eval", str(src), "--plan", str(plan_path), "--baseline", "uniform:0.5", "--tasks",
-                 "passkey,multikey,ppl,speed", "--lengths", "128,256", "--depths", "0.5", "--out", str(out)]) == 0  # fmt: skip
+    assert main(["eval", str(src), "--plan", str(plan_path), "--baseline", "uniform:0.5", "--baseline", "uniform:match",
+                 "--tasks", "passkey,multikey,ppl,speed", "--lengths", "768,1024", "--depths", "0.5",
+                 "--out", str(out)]) == 0  # fmt: skip
     assert {"results.json", "results.md", "accuracy_vs_length.png", "depth_length_heatmap.png",
             "memory_speed.png"} <= {p.name for p in out.iterdir()}  # fmt: skip
     res = json.loads((out / "results.json").read_text())
-    assert set(res["speed"]) == {"dense", "plan", "uniform 0.5"}
+    assert set(res["speed"]) == {"dense", "plan", "uniform 0.5", "uniform @plan"}
+    for N in ("768", "1024"):  # matched baseline: the plan's density at every eval length, within 0.01
+        assert abs(res["density"]["uniform @plan"][N] - res["density"]["plan"][N]) <= 0.01
+    assert len(res["retrieval"]) == 4 * 2 * 2 and all("generated" in r for r in res["retrieval"])
+    assert "Wilson" in (out / "results.md").read_text()
     assert res["speed"]["uniform 0.5"]["kv_bytes"] < res["speed"]["dense"]["kv_bytes"]
     assert main(["plan", "show", str(plan_path)]) == 0
     assert "distinct rules" in capsys.readouterr().out
@@ -140,7 +147,7 @@ def test_compress_bad_inputs(tmp_path, monkeypatch, capsys):
     assert main(["compress", str(src), "--density", "0.01", "--lengths", "128", "--out", str(tmp_path / "p.json")]) == 2
     assert "cannot be met" in capsys.readouterr().err and not (tmp_path / "p.json").exists()
     assert main(["compress", str(src), "--density", "0.5", "--lengths", "4096", "--out", str(tmp_path / "p.json")]) == 2
-    assert "max_seq_len 512" in capsys.readouterr().err
+    assert "max_seq_len 1024" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
     from mixattn.compress.calibration import build
@@ -164,3 +171,68 @@ def test_interrupted_profile_resumes_to_the_same_result(tmp_path):
     torch.testing.assert_close(resumed.influence[128], whole.influence[128])
     plan = optimize(resumed, 0.6)
     assert plan.density([128]) <= 0.6 + 1e-9
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"density": 0.0}, "density must be in"), ({"density": 1.5}, "density must be in"),
+    ({"lengths": (0, 1024)}, "lengths must be positive"), ({"lengths": ()}, "lengths must be positive"),
+    ({"max_rules_per_layer": 0}, "max_rules_per_layer must be"), ({"samples": 0}, "samples must be"),
+    ({"validate_length": -5}, "validate_length must be"),
+])  # fmt: skip
+def test_compress_validates_arguments_before_loading_anything(tmp_path, kw, msg):
+    from mixattn.compress.pipeline import compress
+
+    args = {"density": 0.5, "lengths": (1024,), **kw}
+    with pytest.raises(ValueError, match=msg):  # a missing model would raise FileNotFoundError if loaded first
+        compress(tmp_path / "no-such-model", args.pop("density"), work_dir=tmp_path / "w", **args)
+    assert not (tmp_path / "w").exists()
+
+
+def test_compress_checks_max_seq_len_from_the_config_only(tmp_path, monkeypatch):
+    from mixattn.compress import pipeline
+
+    src = _saved_tiny(tmp_path)
+    monkeypatch.setattr(pipeline, "load_model", lambda s: pytest.fail("loaded the model before validating"))
+    with pytest.raises(ValueError, match="max_seq_len 1024"):
+        pipeline.compress(src, 0.5, lengths=(512,), validate_length=4096, work_dir=tmp_path / "w")
+
+
+def test_profile_cache_is_keyed_by_content_not_path(tmp_path):
+    import shutil
+
+    from mixattn.compress.pipeline import work_dir_for
+
+    src = _saved_tiny(tmp_path)
+    copy = tmp_path / "elsewhere" / "same"
+    shutil.copytree(src, copy)
+    key = work_dir_for(src, (1024,), 16, 0, ("shakespeare",))
+    assert work_dir_for(copy, (1024,), 16, 0, ("shakespeare",)) == key
+    model = mixattn.load(copy)
+    with torch.no_grad():
+        model.layers[0].attn.q_proj.weight.add_(1e-3) if hasattr(model.layers[0].attn, "q_proj") else \
+            next(model.parameters()).add_(1e-3)  # fmt: skip
+    mixattn.save(model, copy)
+    assert work_dir_for(copy, (1024,), 16, 0, ("shakespeare",)) != key
+    assert work_dir_for(src, (1024, 2048), 16, 0, ("shakespeare",)) != key
+
+
+def test_calibration_keeps_the_models_answer_only_when_it_is_right():
+    from mixattn.compress.calibration import answer
+    from mixattn.eval import tasks
+
+    from ..eval.helpers import byte_tok, haystack
+
+    tok = byte_tok()
+    s = tasks.make("multikey", tok, haystack(tok), 1000, 0.5, seed=3)
+
+    class Says:
+        def __init__(self, text):
+            self.ids = tok.encode(text)
+
+        def generate(self, ids, n, stop_tokens=()):
+            return torch.cat([ids, torch.tensor([self.ids[:n]])], 1)
+
+    ids, start, own = answer(Says(" " + s.answers[0] + "."), tok, s, 16)
+    assert own and tok.decode(ids[start:].tolist()) == " " + s.answers[0] + "."
+    ids, start, own = answer(Says(" " + s.meta["distractors"][0] + "."), tok, s, 16)  # a distractor: use gold
+    assert not own and ids.tolist() == s.context_ids + s.answer_ids and start == s.length

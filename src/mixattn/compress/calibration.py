@@ -1,10 +1,11 @@
 """Calibration data for plan search (MoA, arXiv 2406.14909 §4): long-range tasks over real text,
-answered by the dense model itself, with the loss on answer tokens only.
+with the loss on answer tokens only.
 
-Tasks: multi-key and passkey retrieval with Shakespeare/stdlib (or user) text as the haystack, and
-"what follows this distant passage" prompts. The answers are the dense model's own greedy outputs
-(MoA found that aligning to the model's answers, not gold ones, raised the resulting plan's
-retrieval from 0.87 to 0.95). Deterministic given a seed.
+Tasks cycle through passkey, multi-key NIAH with distractors, LongEval lines and "what follows this
+distant passage", over Shakespeare/stdlib (or user) text, each prompt with its own seed and depth.
+Answers: the model's own greedy answer (up to ``answer_tokens``, stopped at EOS) where it is right
+(MoA found aligning to the model's own answers beats gold ones), and the gold answer where it is
+wrong, so the profile never rewards attention that retrieves a distractor. Deterministic given a seed.
 """
 
 from __future__ import annotations
@@ -15,36 +16,72 @@ import torch
 from tqdm.auto import tqdm
 
 from ..eval import tasks
+from ..eval.retrieval import is_hit
 from ..train.data import load_corpus
 
-CALIB_TASKS = ("multikey", "passage", "passkey")
+CALIB_TASKS = ("passkey", "multikey", "lines", "passage")
 
 
 @dataclass
 class CalibSample:
-    ids: torch.Tensor  # (T,) prompt + the model's answer, T <= length
+    ids: torch.Tensor  # (T,) prompt + answer, T <= length
     answer_mask: torch.Tensor  # (T,) bool: True at positions whose next token is an answer token
     length: int  # the profile length it was built for
+    task: str = ""
+    own: bool = False  # True: the model's own (correct) answer; False: the gold answer
 
 
-def build(model, tok, corpora, lengths, samples_per_length: int = 2, seed: int = 0, answer_tokens: int = 8,
+def gold(sample: tasks.Sample) -> tuple[torch.Tensor, int]:
+    """Prompt + gold answer tokenized as one string, and the first answer position (ids (T,), start)."""
+    joint = sample.context_ids + sample.answer_ids
+    P = len(sample.prompt_ids)
+    start = P if joint[:P] == sample.prompt_ids else tasks._common(joint, sample.prompt_ids)
+    return torch.tensor(joint), start
+
+
+@torch.no_grad()
+def answer(model, tok, sample: tasks.Sample, answer_tokens: int) -> tuple[torch.Tensor, int, bool]:
+    """(ids (T,), first answer position, own): the model's greedy answer if it contains every gold
+    answer string, else the gold answer. Generation stops at EOS (the EOS itself is not kept)."""
+    eos = getattr(tok, "eos_token_id", None)
+    prompt = torch.tensor(sample.prompt_ids)
+    gen = model.generate(prompt[None], answer_tokens, stop_tokens=(eos,) if eos is not None else ())[0, len(prompt) :]
+    if eos is not None:
+        hit_eos = (gen == eos).nonzero()
+        gen = gen[: int(hit_eos[0])] if len(hit_eos) else gen
+    if len(gen) and is_hit(tok.decode(gen.tolist()), sample.answers):
+        return torch.cat([prompt, gen]), len(prompt), True
+    ids, start = gold(sample)
+    return ids, start, False
+
+
+def build(model, tok, corpora, lengths, samples_per_length: int = 16, seed: int = 0, answer_tokens: int = 16,
           progress: bool = True) -> list[CalibSample]:  # fmt: skip
-    """``samples_per_length`` samples at each length, cycling through the calibration tasks."""
+    """``samples_per_length`` samples at each length, cycling through ``CALIB_TASKS`` and depths."""
+    if samples_per_length < 1:
+        raise ValueError(f"samples_per_length must be >= 1, got {samples_per_length}")
     hay = load_corpus(corpora, tokenizer=tok)
     haystack = hay.val if len(hay.val) > 4 * max(lengths) else hay.train
     out = []
     jobs = [(N, i) for N in lengths for i in range(samples_per_length)]
-    for N, i in tqdm(jobs, desc="calibration (dense model answers)", disable=not progress):
+    for N, i in tqdm(jobs, desc="calibration (answers: own if right, else gold)", disable=not progress):
         task = CALIB_TASKS[i % len(CALIB_TASKS)]
-        s = tasks.make(task, tok, haystack, N - answer_tokens - 16, depth=(i + 0.5) / samples_per_length,
-                       seed=seed * 1000 + N + i)  # fmt: skip
-        prompt = torch.tensor(s.prompt_ids)
-        with torch.no_grad():
-            gen = model.generate(prompt[None], answer_tokens)[0, len(prompt) :]  # the model's own answer
-        ids = torch.cat([prompt, gen])
+        depth = ((i * 7) % samples_per_length + 0.5) / samples_per_length  # spread depths across tasks
+        s = tasks.make(task, tok, haystack, N - answer_tokens - 8, depth, tasks.prompt_seed(task, N, depth, i, seed))
+        ids, start, own = answer(model, tok, s, answer_tokens)
         mask = torch.zeros(len(ids), dtype=torch.bool)
-        mask[len(ids) - len(gen) - 1 : len(ids) - 1] = True  # logits at these positions predict the answer
-        out.append(CalibSample(ids, mask, N))
+        mask[start - 1 : len(ids) - 1] = True  # logits at these positions predict the answer
+        out.append(CalibSample(ids, mask, N, task, own))
     if not out:
         raise ValueError("calibration produced no samples (check lengths and corpora)")
     return out
+
+
+def summary(samples: list[CalibSample]) -> dict:
+    """{"per_length": {N: n}, "own_answers": k, "gold_answers": n - k, "tasks": {task: n}}."""
+    per, by_task = {}, {}
+    for s in samples:
+        per[s.length] = per.get(s.length, 0) + 1
+        by_task[s.task] = by_task.get(s.task, 0) + 1
+    own = sum(s.own for s in samples)
+    return {"per_length": per, "own_answers": own, "gold_answers": len(samples) - own, "tasks": by_task}

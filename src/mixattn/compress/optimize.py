@@ -17,13 +17,14 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from .plan import DENSE, HeadRule, Plan
 
-ALPHAS = (0, 128, 256, 512, 1024, 2048)
+ALPHAS = (0, 32, 64, 128, 256, 448, 512, 1024, 2048)  # beta 0: sink + short fixed windows (StreamingLLM heads)
 BETAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
 
 
 def candidate_rules(lengths, sink: int | None = None, alphas=ALPHAS, betas=BETAS) -> list[HeadRule]:
-    """The rule grid (one sink for all, as MoA's 64; smaller for short profile lengths), plus the dense
-    rule; rules identical at these lengths are kept once."""
+    """The rule grid (one sink for all, as MoA's 64; smaller for short profile lengths): the dense
+    rule (full heads), sink + fixed short windows (beta 0) and elastic windows (alpha + beta N);
+    rules identical at ``lengths`` are kept once."""
     sink = min(64, min(lengths) // 16) if sink is None else sink
     seen, rules = set(), [DENSE]
     for a in alphas:
@@ -96,16 +97,20 @@ def solve(loss: np.ndarray, dens: np.ndarray, budget: float, layer_of: np.ndarra
 
 
 def optimize(profile, density: float, rules=None, max_rules_per_layer: int | None = None, model_name: str = "",
-             time_limit: float = 300.0) -> Plan:  # fmt: skip
-    """The plan minimising profiled dropped influence with mean density <= ``density`` at every length."""
-    rules = rules or candidate_rules(profile.lengths)
+             time_limit: float = 300.0, budget_lengths=None) -> Plan:  # fmt: skip
+    """The plan minimising profiled dropped influence with mean density <= ``density`` at every
+    profile length and every length in ``budget_lengths`` (e.g. the eval lengths: elastic rules then
+    cannot drift below the budget's intent at lengths the profile did not see)."""
+    lengths = tuple(sorted({*profile.lengths, *(budget_lengths or ())}))
+    rules = rules or candidate_rules(lengths)
     L, Hkv = profile.influence[profile.lengths[0]].shape[:2]
     loss = loss_matrix(profile, rules)
-    dens = np.array([[r.density(N) for N in profile.lengths] for r in rules])
+    dens = np.array([[r.density(N) for N in lengths] for r in rules])
     choice = solve(loss, dens, density, np.repeat(np.arange(L), Hkv), max_rules_per_layer, time_limit)
     layers = tuple(tuple(rules[choice[l * Hkv + h]] for h in range(Hkv)) for l in range(L))
     objective = float(loss[np.arange(L * Hkv), choice].sum())
-    meta = {"method": "mixattn", "budget": density, "objective": objective, "rules": len(rules)}
+    meta = {"method": "mixattn", "budget": density, "objective": objective, "rules": len(rules),
+            "budget_lengths": list(lengths)}  # fmt: skip
     return Plan(layers, model_name, tuple(profile.lengths), meta)
 
 
@@ -124,7 +129,7 @@ def select_by_validation(model, plans, samples) -> tuple[Plan, list[float]]:
     for plan in plans:
         apply_plan(model, plan)
         total = 0.0
-        for s in samples:
+        for s in samples:  # each sample at its own length: the plan's reference length is the input's
             logits = model(s.ids[None]).logits[0, :-1]
             m = s.answer_mask[:-1]
             total += float(torch.nn.functional.cross_entropy(logits[m].float(), s.ids[1:][m]))

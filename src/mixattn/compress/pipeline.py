@@ -1,6 +1,12 @@
-"""calibrate -> profile -> optimize, with each stage cached under a work directory and resumable.
+"""calibrate -> profile -> optimize -> select, each stage cached under a work directory and resumable.
 
-    plan = compress("smollm2-135m", density=0.5, lengths=(1024, 2048), out="plan.json")
+    plan = compress("smollm2-135m", density=0.5, lengths=(1024, 2048), validate_length=4096, out="plan.json")
+
+Following MoA (arXiv 2406.14909): calibration answers are the model's own where they are right and
+the gold answers where they are not; the gradient profile is taken at every profile length; the MILP
+picks one rule per KV head under the density budget at every profile (and validation) length; and
+the final plan is chosen among several MILP solutions by answer loss on held-out prompts at a longer
+length than any profile. The cache key is the model's content digest, not its path.
 """
 
 from __future__ import annotations
@@ -9,19 +15,50 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
-from ..paths import cache_dir
+from ..paths import cache_dir, content_digest, load_torch, save_torch
 from . import calibration, optimize
 from . import profile as profiling
-from .plan import Plan
+from .plan import DENSE, HeadRule, Plan
 
 CORPORA = ("shakespeare", "stdlib")
+CACHE_VERSION = "calib-v2"  # bump when calibration or profiling changes meaning
 
 
-def work_dir_for(source: str, lengths, samples: int, seed: int, corpora) -> Path:
-    key = hashlib.sha256(json.dumps([str(source), list(lengths), samples, seed, list(corpora)]).encode()).hexdigest()
-    return cache_dir() / "compress" / key[:16]
+def model_file(source) -> Path:
+    """The file or directory a model source is read from (the embedded name resolves to its GGUF)."""
+    from ..models.hf import EMBEDDED, embedded_gguf
+
+    if str(source) in EMBEDDED:
+        return embedded_gguf(str(source))
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no such model: {source}")
+    return path
+
+
+def peek_max_seq_len(source) -> int:
+    """The model's max_seq_len, read from its config or GGUF header without loading weights."""
+    path = model_file(source)
+    if path.is_file():
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+        key = next((k for k in fields if k.endswith(".context_length")), None)
+        if key is None:
+            raise ValueError(f"{path}: GGUF header has no context_length")
+        f = fields[key]
+        return int(f.parts[f.data[0]][0])
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    if "model" in cfg and "max_seq_len" in cfg["model"]:
+        return int(cfg["model"]["max_seq_len"])
+    return int(cfg.get("max_position_embeddings", 2048))
+
+
+def work_dir_for(source, lengths, samples: int, seed: int, corpora, digest: str | None = None) -> Path:
+    """Cache directory keyed by the model's content digest (not its path) and the calibration inputs."""
+    digest = digest or content_digest(model_file(source))
+    key = json.dumps([CACHE_VERSION, digest, list(lengths), samples, seed, list(corpora)])
+    return cache_dir() / "compress" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def load_model(source):
@@ -30,61 +67,129 @@ def load_model(source):
     return load(source), load_tokenizer(source)
 
 
-def compress(source, density: float, lengths=(1024, 2048), out=None, samples: int = 2, corpora=CORPORA,
-             max_rules_per_layer: int | None = None, resume: bool = True, seed: int = 0, work_dir=None,
-             validate_length: int | None = None, progress: bool = True, model=None, tok=None) -> Plan:  # fmt: skip
-    """Find a plan with mean KV density <= ``density`` at every length in ``lengths``.
+def check_args(density, lengths, samples, max_rules_per_layer, validate_length, max_seq_len=None) -> None:
+    """Every argument of ``compress``; raised before anything is loaded or computed."""
+    if not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if not lengths or any(not isinstance(N, int) or isinstance(N, bool) or N <= 0 for N in lengths):
+        raise ValueError(f"lengths must be positive integers, got {list(lengths) if lengths else lengths!r}")
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+    if max_rules_per_layer is not None and (not isinstance(max_rules_per_layer, int) or max_rules_per_layer < 1):
+        raise ValueError(f"max_rules_per_layer must be an integer >= 1, got {max_rules_per_layer!r}")
+    if validate_length is not None and (not isinstance(validate_length, int) or validate_length <= 0):
+        raise ValueError(f"validate_length must be a positive integer, got {validate_length!r}")
+    longest = max([*lengths, validate_length or 0])
+    if max_seq_len is not None and longest > max_seq_len:
+        raise ValueError(f"length {longest} exceeds the model's max_seq_len {max_seq_len}")
+    budget_lengths = sorted({*lengths, *((validate_length,) if validate_length else ())})
+    floor = min(max(r.density(N) for N in budget_lengths) for r in optimize.candidate_rules(budget_lengths))
+    if density < floor - 1e-12:
+        raise ValueError(f"density {density} cannot be met: the sparsest candidate rule keeps {floor:.3f} "
+                         f"at lengths {budget_lengths}")  # fmt: skip
 
-    Stages are cached in ``work_dir`` (default: under the user cache, keyed by the inputs):
-    calibration samples (the dense model's own answers), then the gradient profile (saved after
-    every sample, so an interrupted run resumes), then the MILP. ``validate_length``: also build a
-    plan with at most 2 rules per layer and keep whichever has the lower answer loss at that
-    (longer, unseen) length.
+
+def candidates(prof, density: float, budget_lengths, max_rules_per_layer, name: str) -> dict[str, Plan]:
+    """Plans the validation chooses among, all within ``density`` at every budget length:
+    the free MILP, the MILP with at most 2 rules per layer, and "top heads full, the rest sink 64 +
+    window 448" (the MILP over those two rules: a profile-ranked DuoAttention-style plan)."""
+    out = {}
+    kw = {"model_name": name, "budget_lengths": budget_lengths}
+    out["milp"] = optimize.optimize(prof, density, max_rules_per_layer=max_rules_per_layer, **kw)
+    if max_rules_per_layer is None or max_rules_per_layer > 2:
+        out["milp-2-rules"] = optimize.optimize(prof, density, max_rules_per_layer=2, **kw)
+    try:
+        out["full+window"] = optimize.optimize(prof, density, rules=[DENSE, HeadRule(64, 448.0, 0.0)], **kw)
+    except ValueError:  # the window alone is above the budget at a short length
+        pass
+    for label, plan in out.items():
+        plan.meta["candidate"] = label
+    return out
+
+
+def compress(source, density: float, lengths=(1024, 2048), out=None, samples: int = 16, corpora=CORPORA,
+             max_rules_per_layer: int | None = None, resume: bool = True, seed: int = 0, work_dir=None,
+             validate_length: int | None = None, validate_samples: int = 4, progress: bool = True, model=None,
+             tok=None) -> Plan:  # fmt: skip
+    """Find a plan with mean KV density <= ``density`` at every length in ``lengths`` (and at
+    ``validate_length``), choosing among candidate plans by answer loss at ``validate_length``.
+
+    Stages cached in ``work_dir`` (default: under the user cache, keyed by the model's content):
+    calibration.pt (``samples`` per length), profile.pt (saved after every sample: resumable),
+    validation.pt. The MILP runs every time (seconds).
     """
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+    lengths = tuple(lengths)
+    check_args(density, lengths, samples, max_rules_per_layer, validate_length,
+               model.cfg.max_seq_len if model is not None else None)  # fmt: skip
     if model is None:
+        check_args(density, lengths, samples, max_rules_per_layer, validate_length, peek_max_seq_len(source))
         model, tok = load_model(source)
-    longest = max(lengths + ((validate_length,) if validate_length else ()))
-    if longest > model.cfg.max_seq_len:
-        raise ValueError(f"length {longest} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     work = Path(work_dir) if work_dir else work_dir_for(source, lengths, samples, seed, corpora)
     work.mkdir(parents=True, exist_ok=True)
-    calib_path = work / "calibration.pt"
-    if resume and calib_path.is_file():
-        samples_ = torch.load(calib_path, weights_only=False)
-    else:
-        samples_ = calibration.build(model, tok, list(corpora), lengths, samples, seed, progress=progress)
-        torch.save(samples_, calib_path)
+    samples_ = _cached(work / "calibration.pt", resume, lambda: calibration.build(
+        model, tok, list(corpora), lengths, samples, seed, progress=progress))  # fmt: skip
     prof = profiling.run(model, samples_, lengths, work / "profile.pt", resume=resume, progress=progress)
     name = str(source)
-    plan = optimize.optimize(prof, density, max_rules_per_layer=max_rules_per_layer, model_name=name)
+    budget_lengths = tuple(sorted({*lengths, *((validate_length,) if validate_length else ())}))
+    plans = candidates(prof, density, budget_lengths, max_rules_per_layer, name)
+    plan = plans["milp"]
     if validate_length:
-        other = optimize.optimize(prof, density, max_rules_per_layer=2, model_name=name)
-        val = calibration.build(model, tok, list(corpora), (validate_length,), 1, seed + 1, progress=progress)
-        plan, losses = optimize.select_by_validation(model, [plan, other], val)
-        plan.meta["validation_losses"] = losses
-    plan.meta.update(samples=len(samples_), lengths=list(lengths))
+        val = _cached(work / f"validation_{validate_length}_{validate_samples}.pt", resume, lambda: calibration.build(
+            model, tok, list(corpora), (validate_length,), validate_samples, seed + 7919, progress=progress))  # fmt: skip
+        plan, losses = optimize.select_by_validation(model, list(plans.values()), val)
+        plan.meta["validation"] = {"length": validate_length, "samples": len(val),
+                                   "losses": dict(zip(plans, losses))}  # fmt: skip
+    plan.meta.update(samples=len(samples_), lengths=list(lengths), budget_lengths=list(budget_lengths),
+                     calibration=calibration.summary(samples_))  # fmt: skip
     if out is not None:
         plan.save(out)
         plan.plot(Path(out).with_suffix(".png"))
     return plan
 
 
-def baseline(source, kind: str, density: float, length: int, sink: int = 64, model=None, tok=None) -> Plan:
-    """uniform (StreamingLLM), duo (DuoAttention-style, heads scored by attention mass outside the
-    sink + local window on real text) or dense."""
-    if kind == "dense" or kind == "uniform":
-        if model is None:
-            model, tok = load_model(source)
-        L, H = model.cfg.num_layers, model.cfg.num_kv_heads
-        kw = {"model_name": str(source), "profile_lengths": (length,)}
-        return Plan.dense(L, H, **kw) if kind == "dense" else Plan.uniform(L, H, density, length, sink, **kw)
-    if kind != "duo":
+def _cached(path: Path, resume: bool, build):
+    if resume and path.is_file():
+        return load_torch(path, "calibration cache")
+    value = build()
+    save_torch(path, value)
+    return value
+
+
+def baseline(source, kind: str, density: float, length: int, sink: int = 64, model=None, tok=None,
+             scores=None) -> Plan:  # fmt: skip
+    """uniform (StreamingLLM), duo (DuoAttention-style, heads ranked by ``scores`` or by attention
+    mass outside the sink + local window on real text) or dense, sized for ``length``."""
+    if kind not in ("uniform", "duo", "dense"):
         raise ValueError(f"unknown baseline {kind!r}; valid: uniform, duo, dense")
     if model is None:
         model, tok = load_model(source)
+    L, H = model.cfg.num_layers, model.cfg.num_kv_heads
+    kw = {"model_name": str(source), "profile_lengths": (length,)}
+    if kind == "dense":
+        return Plan.dense(L, H, **kw)
+    if kind == "uniform":
+        return Plan.uniform(L, H, density, length, sink, **kw)
+    if scores is None:
+        scores = mass_scores(model, tok)
+    return Plan.duo(scores, density, length, sink, **kw)
+
+
+def mass_scores(model, tok) -> list:
+    """DuoAttention/RazorAttention-style head scores: attention mass outside sink + local window."""
     from ..eval.perplexity import corpus_tokens
 
-    scores = profiling.mass_outside_scores(model, corpus_tokens("shakespeare", tok, min(length, 2048)))
-    return Plan.duo(scores.tolist(), density, length, sink, model_name=str(source), profile_lengths=(length,))
+    return profiling.mass_outside_scores(model, corpus_tokens("shakespeare", tok, min(model.cfg.max_seq_len, 2048))).tolist()
+
+
+def matched(source, kind: str, reference: Plan, lengths, model=None, tok=None, scores=None, slack: int = 16) -> dict:
+    """{L: baseline plan} whose density at L + ``slack`` equals ``reference``'s there (within ±0.01 for
+    uniform; within half a head's share for duo): equal-density baselines at every eval length."""
+    if model is None:
+        model, tok = load_model(source)
+    if kind == "duo" and scores is None:
+        scores = mass_scores(model, tok)
+    out = {}
+    for L in lengths:
+        N = L + slack
+        out[L] = baseline(source, kind, reference.density([N]), N, model=model, tok=tok, scores=scores)
+    return out

@@ -207,7 +207,8 @@ def lines(tok, haystack, length: int, depth: float, seed: int) -> Sample:
 
     def render(m, quote=0):
         pick = min(m - 1, int(depth * m))
-        head = f"Below is a record of lines I want you to remember, after a quotation: {tok.decode(_filler(haystack, quote, start))}"
+        quoted = tok.decode(_filler(haystack, quote, start))
+        head = f"Below is a record of lines I want you to remember, after a quotation: {quoted}"
         ctx = head + "\n" + "".join(q_line.format(a, v) for a, v in zip(labels[:m], values[:m]))
         q = f"Tell me what is the <REGISTER_CONTENT> in line {labels[pick]}? I need the number."
         text.update(prompt=_wrap(tok, ctx, q, f"The <REGISTER_CONTENT> in line {labels[pick]} is <"), pick=pick)

@@ -1,0 +1,62 @@
+"""Statistics for accuracy cells: Wilson score intervals and exact paired tests.
+
+- ``wilson(k, n)``: the 95% Wilson score interval of a binomial proportion (Wilson 1927); unlike the
+  normal approximation it stays inside [0, 1] and is not degenerate at 0/n or n/n.
+- ``mcnemar(a, b)``: the exact McNemar test of two methods scored on the SAME prompts: only the
+  discordant pairs count (a right and b wrong: ``b10``; a wrong and b right: ``b01``), and under the
+  null each discordant pair is a fair coin, so the p-value is a two-sided binomial test of
+  ``b10`` out of ``b10 + b01`` at 1/2 (the exact sign test).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """(low, high) of the Wilson interval for ``k`` successes in ``n`` trials; (0, 1) when n == 0."""
+    if n < 0 or k < 0 or k > n:
+        raise ValueError(f"wilson needs 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact ends: rounding must not cut off p itself
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return lo, hi
+
+
+def proportion(hits) -> dict:
+    """{"n", "k", "acc", "lo", "hi"} of a list of booleans (acc None when empty)."""
+    hits = [bool(h) for h in hits]
+    n, k = len(hits), sum(hits)
+    lo, hi = wilson(k, n)
+    return {"n": n, "k": k, "acc": k / n if n else None, "lo": lo, "hi": hi}
+
+
+def mcnemar(a, b) -> dict:
+    """Exact McNemar (sign) test of paired booleans ``a`` and ``b`` (same prompts, same order).
+
+    Returns {"n", "a_only" (b10), "b_only" (b01), "diff" (acc_a - acc_b), "p"}; p is 1 with no
+    discordant pairs.
+    """
+    from scipy.stats import binomtest
+
+    a, b = [bool(x) for x in a], [bool(x) for x in b]
+    if len(a) != len(b):
+        raise ValueError(f"paired test needs equal lengths, got {len(a)} and {len(b)}")
+    a_only = sum(x and not y for x, y in zip(a, b))
+    b_only = sum(y and not x for x, y in zip(a, b))
+    m = a_only + b_only
+    p = 1.0 if m == 0 else float(binomtest(a_only, m, 0.5).pvalue)
+    diff = (sum(a) - sum(b)) / len(a) if a else 0.0
+    return {"n": len(a), "a_only": a_only, "b_only": b_only, "diff": diff, "p": p}
+
+
+def fmt_cell(cell: dict) -> str:
+    """``0.65 [0.43, 0.82] n=20``; an en dash for an empty cell."""
+    if not cell or not cell.get("n"):
+        return "–"
+    return f"{cell['acc']:.2f} [{cell['lo']:.2f}, {cell['hi']:.2f}] n={cell['n']}"

@@ -1,0 +1,66 @@
+"""One-line verdicts on the long-context targets, computed from an ``evaluate`` result.
+
+Targets (generation-scored retrieval, all tasks pooled, methods labelled "<kind> <density>"):
+
+- density 0.5: the searched plan's accuracy averaged over the lengths >= 2048 is >= 0.9 x dense's,
+  and at no length is it below uniform (StreamingLLM) at equal density;
+- density 0.25: >= 2 x uniform (accuracy averaged over lengths >= 2048);
+- perplexity at lengths >= 4096, density 0.5: within 5% of dense.
+
+Each line states the numbers, n and whether the target is met; "not met" is stated as plainly as "met".
+"""
+
+from __future__ import annotations
+
+from .report import cells, paired
+
+
+def _mean_acc(c, method, lengths):
+    accs = [c[(method, "all", N)]["acc"] for N in lengths if (method, "all", N) in c]
+    return (sum(accs) / len(accs)) if accs else None, sum(c[(method, "all", N)]["n"] for N in lengths if (method, "all", N) in c)
+
+
+def verdicts(results, densities=(0.5, 0.25)) -> list[str]:
+    c = cells(results)
+    lengths = sorted({r["length"] for r in results["retrieval"]})
+    long_ = [N for N in lengths if N >= 2048] or lengths
+    span = "/".join(f"{N // 1024}k" for N in long_)
+    out = []
+    dense, n_d = _mean_acc(c, "dense", long_)
+    for d in densities:
+        m, u = f"mixattn {d}", f"uniform {d}"
+        acc, n = _mean_acc(c, m, long_)
+        uni, _ = _mean_acc(c, u, long_)
+        if acc is None:
+            continue
+        if d == 0.5 and dense is not None:
+            ratio = acc / dense if dense else float("inf")
+            below = [N for N in lengths if (u, "all", N) in c and (m, "all", N) in c
+                     and c[(m, "all", N)]["acc"] < c[(u, "all", N)]["acc"]]  # fmt: skip
+            ok = ratio >= 0.9 and not below
+            p = paired(results, m, "dense")["p"]
+            out.append(f"density 0.5: {m} {acc:.2f} vs dense {dense:.2f} over {span} (n={n} each; ratio {ratio:.2f}, "
+                       f"target >= 0.90; paired p={p:.2g}); below uniform at "
+                       f"{', '.join(map(str, below)) if below else 'no length'} -> {'MET' if ok else 'NOT MET'}")  # fmt: skip
+        elif uni is not None:
+            ratio = acc / uni if uni else float("inf")
+            p = paired(results, m, u)["p"]
+            ok = ratio >= 2 if uni else acc > 0
+            out.append(f"density {d}: {m} {acc:.2f} vs {u} {uni:.2f} over {span} (n={n} each; ratio "
+                       f"{'inf' if not uni else f'{ratio:.2f}'}, target >= 2; paired p={p:.2g}); vs dense "
+                       f"{dense if dense is None else f'{dense:.2f}'} -> {'MET' if ok else 'NOT MET'}")  # fmt: skip
+    ppl = results.get("ppl", {})
+    if "dense" in ppl and "mixattn 0.5" in ppl:
+        rows = []
+        for N, p in ppl["mixattn 0.5"].items():
+            if int(N) >= 4096 and N in ppl["dense"]:
+                rows.append((N, p["ppl"] / ppl["dense"][N]["ppl"] - 1, p["windows"]))
+        if rows:
+            ok = all(r <= 0.05 for _, r, _ in rows)
+            txt = ", ".join(f"{r:+.1%} @{N} ({w} windows)" for N, r, w in rows)
+            out.append(f"perplexity, density 0.5 vs dense: {txt}; target within +5% -> {'MET' if ok else 'NOT MET'}")
+        else:
+            out.append("perplexity at >= 4096 tokens: not measured in this grid -> NOT SHOWN")
+    if "wall_s" in results:
+        out.append(f"wall time {results['wall_s'] / 60:.1f} min (make demo target <= 15 min on 2 cores)")
+    return out

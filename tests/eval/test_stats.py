@@ -1,0 +1,54 @@
+"""Wilson intervals and the exact McNemar test against known values and relations."""
+
+import pytest
+
+from mixattn.eval.stats import fmt_cell, mcnemar, proportion, wilson
+
+
+def test_wilson_known_values():
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)  # Newcombe (1998), method 3
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_wilson_relations():
+    for n in (1, 7, 20, 200):
+        for k in range(n + 1):
+            lo, hi = wilson(k, n)
+            assert 0 <= lo <= k / n <= hi <= 1
+            assert (lo, hi) == pytest.approx((1 - wilson(n - k, n)[1], 1 - wilson(n - k, n)[0]))
+    assert wilson(10, 20)[1] - wilson(10, 20)[0] > wilson(100, 200)[1] - wilson(100, 200)[0]
+    with pytest.raises(ValueError, match="k <= n"):
+        wilson(3, 2)
+
+
+def test_mcnemar_exact_values():
+    a = [True] * 6 + [False] * 4
+    b = [False] * 6 + [False] * 4
+    t = mcnemar(a, b)
+    assert (t["a_only"], t["b_only"]) == (6, 0)
+    assert t["p"] == pytest.approx(2 * 0.5**6)
+    assert t["diff"] == pytest.approx(0.6)
+    t = mcnemar([True, False, True], [False, True, True])
+    assert t["p"] == 1.0
+
+
+def test_mcnemar_relations():
+    a = [True, True, True, False, False, True, False, True]
+    b = [False, True, False, False, True, False, False, False]
+    assert mcnemar(a, b)["p"] == pytest.approx(mcnemar(b, a)["p"])
+    # concordant pairs carry no information in a paired test
+    more = mcnemar(a + [True] * 10 + [False] * 10, b + [True] * 10 + [False] * 10)
+    assert more["p"] == pytest.approx(mcnemar(a, b)["p"])
+    assert mcnemar(a, a)["p"] == 1.0
+    with pytest.raises(ValueError, match="equal lengths"):
+        mcnemar([True], [True, False])
+
+
+def test_proportion_and_cell_text():
+    c = proportion([True, False, True, True])
+    assert (c["n"], c["k"], c["acc"]) == (4, 3, 0.75)
+    assert fmt_cell(c).startswith("0.75 [") and fmt_cell(c).endswith("n=4")
+    assert fmt_cell(proportion([])) == "–"
