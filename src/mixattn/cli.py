@@ -4,8 +4,23 @@ printed as one line (no traceback) and exit with status 2."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+from .argtypes import (
+    OneLineParser,
+    UsageError,
+    checked_text,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    positive_ints,
+    unit_floats,
+)
+from .paths import LOCK_NAME, locked, read_json, write_json
 
 EXAMPLES = {
     "train": """examples:
@@ -56,33 +71,53 @@ EXAMPLES = {
 }
 
 
+# Training flags default to None so that a resumed run can tell a flag given again from one left out.
+TRAIN_DEFAULTS = {"steps": 300, "batch_size": 16, "seq_len": 256, "grad_accum": 1, "lr": 1e-3, "schedule": "cosine",
+                  "warmup_steps": 30, "eval_every": 50, "eval_batches": 8, "seed": 0, "on_nonfinite": "stop"}  # fmt: skip
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TRAIN_DEFAULTS
     p.add_argument("--corpus", action="append", help="shakespeare, stdlib, or a text file/directory (repeatable)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
-    p.add_argument("--warmup-steps", type=int, default=30)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, help=f"optimizer steps (default {d['steps']})")
+    p.add_argument("--batch-size", type=positive_int, help=f"sequences per micro-batch (default {d['batch_size']})")
+    p.add_argument("--seq-len", type=positive_int, help=f"tokens per sequence (default {d['seq_len']})")
+    p.add_argument("--grad-accum", type=positive_int, help="micro-batches per step (default 1)")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {d['lr']})")
+    p.add_argument("--schedule", choices=["cosine", "wsd"], help="default cosine")
+    p.add_argument("--warmup-steps", type=nonneg_int, help=f"default {d['warmup_steps']}")
+    p.add_argument("--eval-every", type=positive_int, help=f"validate and checkpoint every N steps (default {d['eval_every']})")
+    p.add_argument("--eval-batches", type=positive_int, help=f"default {d['eval_batches']}")
+    p.add_argument("--seed", type=nonneg_int, help="default 0")
+    p.add_argument("--on-nonfinite", choices=["stop", "skip"], help="NaN/inf loss: stop (default) or skip the step")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, dotted for nested ones (moe.router.top_k=1)")  # fmt: skip
     p.add_argument("--balance", choices=["switch", "sequence", "global", "none"])
-    p.add_argument("--balance-coef", type=float)
-    p.add_argument("--z-coef", type=float)
+    p.add_argument("--balance-coef", type=nonneg_float)
+    p.add_argument("--z-coef", type=nonneg_float)
 
 
-def _train_config(a):
+def _train_settings(a, saved: dict | None = None) -> dict:
+    """The training settings: flags given, else the saved run's (on --resume), else the defaults.
+    A flag given again on --resume must agree with the saved run."""
+    out = {}
+    for key, default in TRAIN_DEFAULTS.items():
+        given = getattr(a, key)
+        if saved is not None and key in saved:
+            if given is not None and given != saved[key]:
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"{flag} {given} conflicts with the run being resumed ({key}={saved[key]}); "
+                                 f"drop the flag, or start a new run with --out")  # fmt: skip
+            out[key] = saved[key]
+        else:
+            out[key] = default if given is None else given
+    return out
+
+
+def _train_config(settings: dict):
     from .train.loop import TrainConfig
 
-    return TrainConfig(
-        steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum, lr=a.lr,
-        schedule=a.schedule, warmup_steps=min(a.warmup_steps, a.steps), eval_every=a.eval_every,
-        eval_batches=a.eval_batches, seed=a.seed,
-    )  # fmt: skip
+    return TrainConfig(**{**settings, "warmup_steps": min(settings["warmup_steps"], settings["steps"])})
 
 
 def _overrides(a) -> list[str]:
@@ -91,9 +126,26 @@ def _overrides(a) -> list[str]:
     return a.overrides + extra
 
 
-def cmd_train(a) -> int:
-    import json
+RUN_FILES = ("checkpoint", "metrics.jsonl", "summary.json", "run.json")  # what `train` writes in --out
 
+
+def _prepare_out(out: Path, a) -> None:
+    """Refuse to mix a new run into a folder that holds something, unless --overwrite (which removes
+    only what `train` writes there)."""
+    import shutil
+
+    present = [p.name for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+    if not present:
+        return
+    if not a.overwrite:
+        raise ValueError(f"--out {out} is not empty ({', '.join(sorted(present)[:3])}...); continue it with --resume, "
+                         "replace it with --overwrite, or choose another folder")  # fmt: skip
+    for name in RUN_FILES:
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def cmd_train(a) -> int:
     import torch
 
     from . import load, load_tokenizer
@@ -101,30 +153,49 @@ def cmd_train(a) -> int:
     from .models.config import apply_overrides, from_name
     from .models.decoder import MixtureLM
     from .train.data import load_corpus
-    from .train.loop import train
+    from .train.loop import check_data, train
 
     out = Path(a.out)
-    tokenizer = None
-    if a.resume:
-        cfg, _ = checkpoint.read_config(out / "checkpoint")
-        saved = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
-        a.corpus = a.corpus or saved.get("corpus")
-        tokenizer = load_tokenizer(out / "checkpoint")
-    elif a.init:
-        init = load(a.init)  # any source mixattn.load accepts; its tokenizer comes along
-        tokenizer = load_tokenizer(a.init)
-        cfg = init.cfg
-    else:
-        cfg = from_name(a.preset)
-    cfg = apply_overrides(cfg, _overrides(a))
-    torch.manual_seed(a.seed)
-    model = MixtureLM(cfg)
-    if a.init:
-        checkpoint.load_state(model, checkpoint.model_tensors(init), a.init)
-    data = load_corpus(a.corpus or ["shakespeare"], tokenizer=tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({"corpus": a.corpus or ["shakespeare"], "argv": sys.argv[1:]}))
-    summary = train(model, data, _train_config(a), out, resume=a.resume, stop_at=a.stop_at, tokenizer=tokenizer)
+    if a.resume and (a.init or a.overwrite):
+        raise ValueError("--resume continues the run in --out; it cannot be combined with --init or --overwrite")
+    with locked(out):
+        tokenizer, saved = None, None
+        if a.resume:
+            saved = read_json(out / "run.json", missing=f"--resume: {out} has no run.json (not a mixattn train run)")
+            cfg, _ = checkpoint.read_config(out / "checkpoint")
+            for flag, key, given in (("--corpus", "corpus", a.corpus), ("--set", "overrides", _overrides(a) or None),
+                                     ("--preset", "preset", a.preset), ("--init", "init", a.init)):  # fmt: skip
+                if given is not None and given != saved.get(key):
+                    raise ValueError(f"{flag} {given} conflicts with the run being resumed ({key}={saved.get(key)})")
+            tokenizer = load_tokenizer(out / "checkpoint")
+            settings = _train_settings(a, saved.get("train", {}))
+            corpus = saved.get("corpus") or ["shakespeare"]
+        else:
+            _prepare_out(out, a)
+            settings = _train_settings(a)
+            corpus = a.corpus or ["shakespeare"]
+            if a.init:
+                init = load(a.init)  # any source mixattn.load accepts; its tokenizer comes along
+                tokenizer = load_tokenizer(a.init)
+                cfg = init.cfg
+            else:
+                cfg = from_name(a.preset or "small")
+            cfg = apply_overrides(cfg, _overrides(a))
+        tcfg = _train_config(settings)
+        if tcfg.seq_len > cfg.max_seq_len:
+            raise ValueError(f"--seq-len {tcfg.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+        data = load_corpus(corpus, tokenizer=tokenizer)
+        check_data(data, tcfg)  # before anything is written
+        torch.manual_seed(settings["seed"])
+        model = MixtureLM(cfg)
+        if a.init and not a.resume:
+            checkpoint.load_state(model, checkpoint.model_tensors(init), a.init)
+        if saved is None:
+            write_json(out / "run.json", {"preset": a.preset, "init": a.init, "corpus": corpus, "overrides": _overrides(a),
+                                          "train": settings, "argv": sys.argv[1:]})  # fmt: skip
+        else:
+            write_json(out / "run.json", {**saved, "resumes": saved.get("resumes", []) + [sys.argv[1:]]})
+        summary = train(model, data, tcfg, out, resume=a.resume, stop_at=a.stop_at, tokenizer=tokenizer)
     print(json.dumps(summary, indent=2))
     print(f"checkpoint: {out / 'checkpoint'}")
     return 0
@@ -137,6 +208,9 @@ def cmd_generate(a) -> int:
 
     model, tok = load(a.checkpoint), load_tokenizer(a.checkpoint)
     ids = torch.tensor([tok.encode(a.prompt)])
+    if ids.shape[1] + a.max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"--max-new-tokens {a.max_new_tokens} after a {ids.shape[1]}-token prompt exceeds the model's "
+                         f"max_seq_len {model.cfg.max_seq_len}")  # fmt: skip
     gen = torch.Generator().manual_seed(a.seed)
     stop = (tok.eos_token_id,) if tok.eos_token_id is not None else ()
     out = model.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, generator=gen,
@@ -152,6 +226,7 @@ def cmd_convert(a) -> int:
 
     if len(a.sources) > 1 and a.to != "bam":
         raise ValueError(f"--to {a.to} takes one source model; only bam mixes several")
+    _new_folder(a.out)
     models = [load(s) for s in a.sources]
     if a.to == "moa":
         new = gqa_to_moa(models[0], a.top_k)
@@ -168,6 +243,7 @@ def cmd_convert(a) -> int:
 def cmd_export(a) -> int:
     from . import export, load, load_tokenizer
 
+    _new_folder(a.out)
     out = export(load(a.source), a.out, format=a.format, tokenizer=load_tokenizer(a.source))
     print(f"{a.format} checkpoint written to {out}")
     return 0
@@ -177,17 +253,33 @@ def cmd_compare(a) -> int:
     from .train.compare import compare
     from .train.data import load_corpus
 
-    data = load_corpus(a.corpus or ["shakespeare"])
-    print(compare(a.variants, data, _train_config(a), a.out))
+    tcfg = _train_config(_train_settings(a))
+    with locked(a.out):
+        data = load_corpus(a.corpus or ["shakespeare"])
+        table = compare(a.variants, data, tcfg, a.out)
+    print(table)
     print(f"\nresults: {Path(a.out) / 'results.md'}, plot: {Path(a.out) / 'val_loss.png'}")
     return 0
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _ints(text, flag: str = "--lengths") -> tuple[int, ...]:
+    """Comma-separated integers >= 1 (a tuple passes through, already parsed by argparse)."""
+    if isinstance(text, tuple):
+        return text
     try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+        return positive_ints(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def _new_folder(out) -> None:
+    """An output folder of a save: it may not be an existing file, nor a folder holding something
+    other than a checkpoint (which the atomic save replaces whole)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; a folder is expected")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ValueError(f"--out {out} is a non-empty folder that holds no checkpoint; choose another folder")
 
 
 def cmd_compress(a) -> int:
@@ -229,7 +321,15 @@ def cmd_eval(a) -> int:
         if d == "match" and not a.plan:
             raise ValueError(f"--baseline {spec!r}: 'match' needs a --plan to match")
         specs.append((kind, d))
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a file; a folder is expected")
     model, tok = load_model(a.model)
+    for name, plan in plans.items():  # before any prompt is built or any pass runs
+        if plan is not None:
+            try:
+                plan.validate(model.cfg)
+            except ValueError as e:
+                raise ValueError(f"--plan {name}: {e}") from None
     for kind, d in specs:
         if d == "match":  # the first plan's density at every eval length
             plans[f"{kind} @{Path(a.plan[0]).stem}"] = matched(a.model, kind, plans[Path(a.plan[0]).stem], lengths,
@@ -249,12 +349,19 @@ def cmd_plan(a) -> int:
 
     if a.action == "show":
         plan = Plan.load(a.target)
-        print(plan.summary(_ints(a.lengths) if a.lengths else None))
-        png = plan.plot(a.png or Path(a.target).with_suffix(".png"), a.length)
+        png = Path(a.png or Path(a.target).with_suffix(".png"))
+        if png.resolve() == Path(a.target).resolve():
+            raise ValueError(f"the heatmap would overwrite the plan {a.target}; pass --png PATH")
+        if png.suffix.lower() != ".png" or png.is_dir():
+            raise ValueError(f"--png {png}: expected a .png file path")
+        print(plan.summary(a.lengths))
+        png = plan.plot(png, a.length)
         print(f"heatmap: {png}")
         return 0
     if a.out is None or a.density is None:
         raise ValueError("plan baseline needs --density and --out")
+    if Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a folder; a plan file path is expected")
     plan = baseline(a.target, a.kind, a.density, a.length or 4096)
     plan.save(a.out)
     print(plan.summary())
@@ -287,8 +394,8 @@ def cmd_presets(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixattn", description="Transformers whose attention is a mixture.")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser = OneLineParser(prog="mixattn", description="Transformers whose attention is a mixture.")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, help_, fn):
@@ -298,27 +405,28 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("train", "train a mixture model from scratch (or continue one) on offline text", cmd_train)
-    p.add_argument("--preset", default="small", help="model preset (see `mixattn presets`)")
-    p.add_argument("--out", required=True, help="run directory (checkpoint/, metrics.jsonl, summary.json)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint at the same step")
+    p.add_argument("--preset", help="model preset (see `mixattn presets`; default small)")
+    p.add_argument("--out", required=True, help="run directory (checkpoint/, metrics.jsonl, summary.json, run.json)")
+    p.add_argument("--resume", action="store_true", help="continue OUT's run with its saved settings at the saved step")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
     p.add_argument("--init", help="start from this checkpoint's weights (continue-training)")
-    p.add_argument("--stop-at", type=int, help="stop and checkpoint after this many steps (resume later)")
+    p.add_argument("--stop-at", type=positive_int, help="stop and checkpoint after this many steps (resume later)")
     _add_train_args(p)
 
     p = add("generate", "generate text from a checkpoint", cmd_generate)
     p.add_argument("checkpoint")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=200)
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int)
+    p.add_argument("--seed", type=nonneg_int, default=0)
 
     p = add("convert", "convert a model: dense -> MoH, GQA -> MoA (exact), N dense models -> BAM", cmd_convert)
     p.add_argument("sources", nargs="+", help="model sources (smollm2-135m, checkpoint/HF dir, .gguf)")
     p.add_argument("--to", required=True, choices=["moh", "moa", "bam"])
     p.add_argument("--out", required=True)
-    p.add_argument("--top-k", type=int, help="moa: experts per token (default: all G, exact)")
-    p.add_argument("--active-fraction", type=float, default=0.75, help="moh: share of heads active per token")
+    p.add_argument("--top-k", type=positive_int, help="moa: experts per token (default: all G, exact)")
+    p.add_argument("--active-fraction", type=fraction, default=0.75, help="moh: share of heads active per token")
     p.add_argument("--attention", choices=["experts", "shared-kv", "averaged"], default="experts",
                    help="bam: full attention experts, experts sharing K/V, or averaged attention (BTX)")  # fmt: skip
     p.add_argument("--parallel", action="store_true", help="bam: parallel attention+FFN blocks (needs training)")
@@ -330,12 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("compress", "find a per-head sparse attention plan: calibrate -> profile -> optimize", cmd_compress)
     p.add_argument("model", help="smollm2-135m, an HF Llama-family dir, a .gguf, or a mixattn checkpoint")
-    p.add_argument("--density", type=float, required=True, help="mean KV density budget at every profile length")
-    p.add_argument("--lengths", default="1024,2048", help="profile lengths (comma-separated)")
-    p.add_argument("--samples", type=int, default=16, help="calibration samples per length")
-    p.add_argument("--max-rules-per-layer", type=int)
-    p.add_argument("--validate-length", type=int, help="choose between candidate plans by loss at this length")
-    p.add_argument("--validate-samples", type=int, default=4, help="held-out prompts for --validate-length")
+    p.add_argument("--density", type=fraction, required=True, help="mean KV density budget at every profile length")
+    p.add_argument("--lengths", type=checked_text(positive_ints), default="1024,2048", help="profile lengths (comma-separated)")
+    p.add_argument("--samples", type=positive_int, default=16, help="calibration samples per length")
+    p.add_argument("--max-rules-per-layer", type=positive_int)
+    p.add_argument("--validate-length", type=positive_int, help="choose between candidate plans by loss at this length")
+    p.add_argument("--validate-samples", type=positive_int, default=4, help="held-out prompts for --validate-length")
     p.add_argument("--resume", action="store_true", help="reuse cached stages (calibration, partial profile)")
     p.add_argument("--out", required=True)
 
@@ -345,10 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="append", default=[], metavar="KIND:DENSITY", help="uniform:0.5, duo:0.25")
     p.add_argument("--tasks", help="passkey,multikey,multivalue,vartrack,lines,passage,ppl,speed "
                    "(default passkey,ppl,speed; --full: all retrieval tasks)")
-    p.add_argument("--lengths", help="default 1024,2048,4096 (--full: 1024,2048,4096,8192)")
-    p.add_argument("--depths", help="needle depths in [0, 1] (default 0.25,0.75; --full: 5 depths)")
-    p.add_argument("--samples", type=int, help="prompts per (task, length, depth) (default 1; --full: 4)")
-    p.add_argument("--ppl-windows", type=int, help="perplexity windows per length (default 2; --full: 8)")
+    p.add_argument("--lengths", type=checked_text(positive_ints), help="default 1024,2048,4096 (--full: 1024,2048,4096,8192)")
+    p.add_argument("--depths", type=checked_text(unit_floats),
+                   help="needle depths in [0, 1] (default 0.25,0.75; --full: 5 depths)")
+    p.add_argument("--samples", type=positive_int, help="prompts per (task, length, depth) (default 1; --full: 4)")
+    p.add_argument("--ppl-windows", type=positive_int, help="perplexity windows per length (default 2; --full: 8)")
     p.add_argument("--full", action="store_true", help="the big grid: 5 tasks x 1k-8k x 5 depths x 4 = 20 per cell")
     p.add_argument("--out", required=True)
 
@@ -356,9 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["show", "baseline"])
     p.add_argument("target", help="show: a plan JSON; baseline: the model")
     p.add_argument("--kind", choices=["uniform", "duo", "dense"], default="uniform")
-    p.add_argument("--density", type=float)
-    p.add_argument("--length", type=int, help="reference length (baseline sizing; show: heatmap length)")
-    p.add_argument("--lengths", help="show: lengths for the density summary")
+    p.add_argument("--density", type=fraction)
+    p.add_argument("--length", type=positive_int, help="reference length (baseline sizing; show: heatmap length)")
+    p.add_argument("--lengths", type=positive_ints, help="show: lengths for the density summary")
     p.add_argument("--png")
     p.add_argument("--out")
 
@@ -383,20 +492,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status. Every error is one line on stderr, no traceback
+    (set MIXATTN_DEBUG=1 to see one): 2 for bad input, 1 for an internal error, 130 for Ctrl-C and
+    143 for SIGTERM (both after the training loop has saved a checkpoint)."""
+    import os
+
+    from .train.loop import Terminated
+
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"mixattn: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    debug = os.environ.get("MIXATTN_DEBUG") == "1"
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mixattn {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input: the message names the file, key or argument
+        if debug:
+            raise
+        print(f"mixattn {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mixattn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"mixattn {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    except Exception as e:
+        if debug:
+            raise
+        print(f"mixattn {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
+              "(MIXATTN_DEBUG=1 shows the traceback; please report it)", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

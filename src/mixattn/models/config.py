@@ -186,5 +186,22 @@ def apply_overrides(cfg: MixtureConfig, assignments: list[str]) -> MixtureConfig
             node = node[p]
         if parts[-1] not in node:
             raise ValueError(f"override {key!r}: unknown key {parts[-1]!r}")
+        _check_kind(item, node[parts[-1]], value)
         node[parts[-1]] = value
-    return MixtureConfig.from_dict(data)
+    try:
+        return MixtureConfig.from_dict(data)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"overrides {', '.join(assignments)}: invalid config ({type(e).__name__}: {e})") from None
+
+
+def _check_kind(item: str, old, new) -> None:
+    """An override keeps the field's kind: an integer field takes an integer, a number a number, ..."""
+    kinds = ((bool, "true or false"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list"))
+    for kind, words in kinds:
+        if isinstance(old, kind):
+            ok = isinstance(new, kind) and not (kind is int and isinstance(new, bool))
+            if kind is float:
+                ok = isinstance(new, (int, float)) and not isinstance(new, bool)
+            if not ok:
+                raise ValueError(f"override {item!r}: expected {words}, got {new!r}")
+            return

@@ -94,7 +94,9 @@ def load_corpus(specs: list[str] | str, tokenizer=None, val_fraction: float = 0.
         _tokenise(files, tokenizer, val_fraction, root, name)
     meta = json.loads((root / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
-    streams = {s: np.memmap(root / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
+    # an empty split cannot be memory-mapped; callers check lengths and name the corpus in their error
+    streams = {s: np.memmap(root / f"{s}.bin", dtype=dtype, mode="r") if meta.get(f"{s}_tokens", 1) else np.zeros(0, dtype)
+               for s in ("train", "val")}  # fmt: skip
     return TokenData(streams["train"], streams["val"], name)
 
 

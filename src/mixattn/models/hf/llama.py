@@ -15,8 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ...paths import read_json
-from ...paths import atomic_dir
+from ...paths import atomic_dir, read_json
 from ..checkpoint import load_state
 from ..config import MixtureConfig
 from ..decoder import MixtureLM
