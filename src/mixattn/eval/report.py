@@ -99,7 +99,7 @@ def paired_table(results, pairs) -> str:
         for N in [*lengths, None]:
             t = paired(results, a, b, N)
             if t["n"]:
-                rows.append({"a": a, "b": b, "length": N or "all", "n": t["n"], "a only": t["a_only"],
+                rows.append({"a": a, "b": b, "length": str(N or "all"), "n": t["n"], "a only": t["a_only"],
                              "b only": t["b_only"], "acc a - b": f"{t['diff']:+.3f}", "p": f"{t['p']:.3g}"})  # fmt: skip
     cols = [(k, k) for k in ("a", "b", "length", "n", "a only", "b only", "acc a - b", "p")]
     return markdown_table(rows, cols)

@@ -1,0 +1,50 @@
+"""Report: tables carry n and Wilson intervals, paired tests pair the same prompts, files are written."""
+
+import json
+import random
+
+from mixattn.eval import report, verdict
+
+
+def _results(acc=None, n=6, lengths=(1024, 2048)):
+    acc = acc or {"dense": 0.8, "mixattn 0.5": 0.7, "uniform 0.5": 0.3}
+    rng = random.Random(0)
+    recs = []
+    for m, p in acc.items():
+        for task in ("passkey", "multikey"):
+            for N in lengths:
+                for i in range(n):
+                    recs.append({"method": m, "task": task, "length": N, "depth": (i % 3) / 2, "index": i // 3,
+                                 "hit": rng.random() < p, "density": 1.0 if m == "dense" else 0.5,
+                                 "generated": " 123", "logprob": -1.0})  # fmt: skip
+    dens = {m: {N: 1.0 if m == "dense" else 0.5 for N in lengths} for m in acc}
+    ppl = {m: {4096: {"ppl": 20.0 * (1.01 if m != "dense" else 1), "ppl_lo": 19.0, "ppl_hi": 21.0, "windows": 2}}
+           for m in acc}  # fmt: skip
+    return {"retrieval": recs, "density": dens, "ppl": ppl, "speed": {}}
+
+
+def test_tables_show_n_intervals_density_and_paired_tests(tmp_path):
+    res = _results()
+    text = report.write(res, tmp_path, pairs=[("mixattn 0.5", "uniform 0.5")], verdicts=verdict.verdicts(res, (0.5,)))
+    assert "n=6" in text and "n=12" in text  # per task and pooled
+    assert "KV density @1024" in text and "0.500" in text
+    assert "McNemar" in text and "| mixattn 0.5 | uniform 0.5 | all | 24 |" in text
+    assert "density 0.5:" in text and ("MET" in text)
+    assert json.loads((tmp_path / "results.json").read_text())["density"]["dense"]["1024"] == 1.0
+    for png in ("accuracy_vs_length.png", "depth_length_heatmap.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+
+
+def test_paired_test_uses_only_common_prompts():
+    res = _results(n=6)
+    res["retrieval"] = [r for r in res["retrieval"] if not (r["method"] == "uniform 0.5" and r["index"] == 1)]
+    t = report.paired(res, "mixattn 0.5", "uniform 0.5")
+    assert t["n"] == 2 * 2 * 3  # tasks x lengths x the depths of index 0
+
+
+def test_verdict_says_not_met_when_the_plan_loses():
+    res = _results({"dense": 1.0, "mixattn 0.5": 0.0, "uniform 0.5": 1.0}, n=6)
+    lines = verdict.verdicts(res, (0.5,))
+    assert lines[0].endswith("NOT MET") and "below uniform at 1024, 2048" in lines[0]
+    res = _results({"dense": 1.0, "mixattn 0.5": 1.0, "uniform 0.5": 0.0}, n=6)
+    assert verdict.verdicts(res, (0.5,))[0].endswith("-> MET")
