@@ -110,22 +110,38 @@ class NonFiniteLoss(ValueError):
     """The loss or the gradient norm became NaN or infinite."""
 
 
+class _Stop:
+    """The first SIGINT/SIGTERM received while training (None until one arrives)."""
+
+    signum: int | None = None
+
+
+def _raise_for(signum: int):
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(f"signal {signum}")
+
+
 @contextmanager
-def _sigterm_raises():
-    """While training, SIGTERM raises ``Terminated`` so the loop can checkpoint before exiting; the
-    previous handler is restored afterwards (signals can only be set from the main thread)."""
+def _stop_at_step_end():
+    """While training, the first SIGINT or SIGTERM is noted and training stops at the end of the
+    current step, after a checkpoint, so a resumed run repeats no half-applied step and is exact. A
+    second signal stops at once (the last checkpoint is kept). Handlers are restored afterwards, and
+    only the main thread can set them."""
+    stop = _Stop()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
 
     def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
+        if stop.signum is not None:
+            _raise_for(signum)
+        stop.signum = signum
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
@@ -165,9 +181,9 @@ def train(
         tokenizer: saved with every checkpoint (HF tokenizers; byte-level models need none).
     Returns a summary dict (final validation loss, tokens/s, parameters, routing statistics).
 
-    Ctrl-C (``KeyboardInterrupt``) and SIGTERM (``Terminated``) save a checkpoint at the current step
-    and re-raise. A NaN or infinite loss raises ``NonFiniteLoss`` (``cfg.on_nonfinite="stop"``) with
-    the last checkpoint kept, or skips that step's update (``"skip"``).
+    Ctrl-C and SIGTERM finish the current step, save a checkpoint and raise ``KeyboardInterrupt`` or
+    ``Terminated``; a second signal stops at once. A NaN or infinite loss raises ``NonFiniteLoss``
+    (``cfg.on_nonfinite="stop"``) with the last checkpoint kept, or skips that step's update (``"skip"``).
     """
     from tqdm.auto import tqdm
 
@@ -203,7 +219,7 @@ def train(
         log.flush()
 
     model.train()
-    with _sigterm_raises(), (out_dir / "metrics.jsonl").open("a") as log:
+    with _stop_at_step_end() as stop, (out_dir / "metrics.jsonl").open("a") as log:
         bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
         try:
             while step < end:
@@ -257,10 +273,10 @@ def train(
                     write_row(summary)
                     bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}")
                     save_checkpoint()
-        except (KeyboardInterrupt, Terminated):
-            save_checkpoint()
-            bar.write(f"interrupted: checkpoint saved at step {step}; continue with --resume")
-            raise
+                if stop.signum is not None:
+                    save_checkpoint()
+                    bar.write(f"stopped by signal {stop.signum}: checkpoint saved at step {step}; continue with --resume")
+                    _raise_for(stop.signum)
         finally:
             bar.close()
     if stop_at is not None and step < cfg.steps:
