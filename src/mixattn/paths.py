@@ -15,12 +15,16 @@ def cache_dir() -> Path:
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``: an interrupted or failed
-    write never leaves a half-written file, and the previous file survives until the new one is whole."""
+    write never leaves a half-written file, and the previous file survives until the new one is whole.
+    The temporary name carries the PID; leftovers of a killed writer are removed by the next write."""
     import tempfile
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; a file is expected there")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    _remove_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -115,11 +119,13 @@ def _remove_stale(target: Path) -> None:
     """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings left by a killed save (dead PID only)."""
     import shutil
 
+    if not target.parent.is_dir():
+        return
     for p in target.parent.glob(f".{target.name}.*-*-*"):
         kind, _, rest = p.name[len(target.name) + 2 :].partition("-")
         pid = rest.split("-", 1)[0]
         if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def atomic_dir(target: str | os.PathLike, write) -> Path:
