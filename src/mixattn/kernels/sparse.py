@@ -11,6 +11,10 @@ Implementations:
   Cost is O(T * (sink + span + block)) per head; differentiable (profiling, sparse training).
 - ``flex``: ``flex_attention`` with a BlockMask built analytically from the rule (no T x T mask
   materialisation), compiled once with dynamic shapes. Inference only on CPU (no flex backward).
+  Sequences shorter than one flex block (``FLEX_MIN_LEN``) go to ``reference`` instead: with a
+  single block there is nothing to skip, and torch 2.13's compiled CPU kernel is wrong there under
+  AVX2 code (``ATEN_CPU_CAPABILITY=avx2``): NaN or errors of about 2 whenever T < 128, T % 16 == 8
+  and D is 8 or 16 (measured: T = 1..399 at D = 8, 16 and D = 4..128 at T < 128; docs/testing.md).
 
 Signature: (q (B, H, T, D), k, v (B, Hkv, T, D), sink (Hkv,), span (Hkv,), left_pad (B,) | None)
 -> (B, H, T, D). Padded query rows return zeros.
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from . import register
 
 BLOCK = 128  # query block of the blocked kernel; flex uses its own 128 default
+FLEX_MIN_LEN = 128  # shorter sequences are one flex block: exact reference instead (see the docstring)
 
 
 def rule_mask(T: int, sink: torch.Tensor, span: torch.Tensor, q_offset: int = 0, Tk: int | None = None):
@@ -186,6 +191,8 @@ def sparse_flex(q, k, v, sink, span):
     unequal spans runs slower (1.6x vs 2.1x dense at 8k, density 0.25, CPU): the kernel splits
     (head, query block) work evenly across threads, so wide heads leave threads idle."""
     B, H, T, D = q.shape
+    if T < FLEX_MIN_LEN:  # per sample (after _per_sample slices the padding off): short rows too
+        return sparse_reference(q, k, v, sink, span)
     G = H // k.shape[1]
     groups = _rule_groups(sink, span)
     if len(groups) == 1:  # a uniform layer: one call, no gather
