@@ -27,10 +27,12 @@ from .eval.verdict import verdicts
 
 GRIDS = {
     "demo": {"densities": (0.5, 0.25), "lengths": (1024,), "samples": 8, "validate_length": 2048,
-             "eval_lengths": (1024, 2048), "tasks": ("passkey", "multikey"), "depths": (0.1, 0.3, 0.5, 0.7, 0.9),
-             "per_depth": 1, "ppl_windows": 2, "methods": ("uniform", "duo-gradient")},
+             "validate_samples": 2, "eval_lengths": (1024, 2048), "tasks": ("passkey", "multikey"),
+             "depths": (0.1, 0.5, 0.9), "per_depth": 1, "ppl_windows": 2,
+             "methods": {0.5: ("uniform", "duo-gradient"), 0.25: ("uniform",)}},
     "full": {"densities": (0.5, 0.25), "lengths": (1024, 2048, 4096), "samples": 16, "validate_length": 8192,
-             "eval_lengths": (1024, 2048, 4096, 8192), "tasks": ("passkey", "multikey", "multivalue", "vartrack", "lines"),
+             "validate_samples": 4, "eval_lengths": (1024, 2048, 4096, 8192),
+             "tasks": ("passkey", "multikey", "multivalue", "vartrack", "lines"),
              "depths": (0.05, 0.275, 0.5, 0.725, 0.95), "per_depth": 4, "ppl_windows": 8,
              "methods": ("uniform", "duo", "duo-gradient")},
 }  # fmt: skip
@@ -50,12 +52,15 @@ def build_plans(source, model, tok, grid: dict, out: Path, progress: bool = True
     """{label: plan or {length: plan}} for every method of the grid, and the (a, b) pairs to test."""
     plans, pairs = {"dense": None}, []
     lengths, evals = tuple(grid["lengths"]), tuple(grid["eval_lengths"])
-    scores = mass_scores(model, tok) if "duo" in grid["methods"] else None
+    methods = grid["methods"]  # kinds for every density, or {density: kinds}
+    kinds_at = {d: methods.get(d, ()) if isinstance(methods, dict) else methods for d in grid["densities"]}
+    scores = mass_scores(model, tok) if any("duo" in k for k in kinds_at.values()) else None
     for d in grid["densities"]:
         plan = compress(source, d, lengths, out=out / f"plan_{d}.json", samples=grid["samples"], model=model,
-                        tok=tok, validate_length=grid["validate_length"], progress=progress)  # fmt: skip
+                        tok=tok, validate_length=grid["validate_length"], validate_samples=grid.get("validate_samples", 4),
+                        progress=progress)  # fmt: skip
         label = f"mixattn {d}"
-        for kind in grid["methods"]:
+        for kind in kinds_at[d]:
             if kind == "duo-gradient":
                 prof = Profile.load(work_dir_for(source, lengths, grid["samples"], 0, _corpora()) / "profile.pt")
                 plans[f"{kind} {d}"] = {L: gradient_duo(prof, plan.density([L + 16]), L + 16, str(source)) for L in evals}

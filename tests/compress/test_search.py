@@ -236,3 +236,21 @@ def test_calibration_keeps_the_models_answer_only_when_it_is_right():
     assert own and tok.decode(ids[start:].tolist()) == " " + s.answers[0] + "."
     ids, start, own = answer(Says(" " + s.meta["distractors"][0] + "."), tok, s, 16)  # a distractor: use gold
     assert not own and ids.tolist() == s.context_ids + s.answer_ids and start == s.length
+
+
+@pytest.mark.slow  # about 35 s of CPU: compiles the flex kernel for several plans
+def test_demo_pipeline_on_a_tiny_model(tmp_path, monkeypatch):
+    from mixattn import demo
+
+    monkeypatch.setenv("MIXATTN_CACHE", str(tmp_path / "cache"))
+    src = _saved_tiny(tmp_path)
+    grid = {"densities": (0.5,), "lengths": (640,), "samples": 1, "validate_length": 768, "validate_samples": 1,
+            "eval_lengths": (768, 1024), "tasks": ("passkey",), "depths": (0.5,), "per_depth": 1, "ppl_windows": 1,
+            "methods": {0.5: ("uniform", "duo", "duo-gradient")}}  # fmt: skip
+    text = demo.run(str(src), grid, out=tmp_path / "demo", progress=False)
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(res["density"]) == {"dense", "uniform 0.5", "duo 0.5", "duo-gradient 0.5", "mixattn 0.5"}
+    for N in ("768", "1024"):  # uniform is matched to the searched plan at every eval length
+        assert abs(res["density"]["uniform 0.5"][N] - res["density"]["mixattn 0.5"][N]) <= 0.01
+    assert "## Verdicts" in text and "density 0.5:" in text
+    assert (tmp_path / "demo" / "plans" / "uniform_0.5@768.json").is_file()
