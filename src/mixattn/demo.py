@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .compress import optimize
-from .compress.pipeline import compress, load_model, mass_scores, matched, work_dir_for
+from .compress.pipeline import compress, duo_window, load_model, mass_scores, matched, work_dir_for
 from .compress.plan import HeadRule, Plan
 from .compress.profile import LOCAL, SINK, Profile
 from .eval import suite
@@ -43,7 +43,8 @@ def gradient_duo(profile: Profile, density: float, length: int, name: str) -> Pl
     streaming = HeadRule(SINK, float(LOCAL), 0.0)
     loss = optimize.loss_matrix(profile, [streaming])[:, 0]
     L, H = profile.influence[profile.lengths[0]].shape[:2]
-    plan = Plan.duo(loss.reshape(L, H).tolist(), density, length, SINK, LOCAL, model_name=name)
+    plan = Plan.duo(loss.reshape(L, H).tolist(), density, length, SINK, duo_window(density, length, SINK, LOCAL),
+                    model_name=name)  # fmt: skip
     plan.meta["method"] = "duo-gradient"
     return plan
 

@@ -254,3 +254,17 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path, monkeypatch):
         assert abs(res["density"]["uniform 0.5"][N] - res["density"]["mixattn 0.5"][N]) <= 0.01
     assert "## Verdicts" in text and "density 0.5:" in text
     assert (tmp_path / "demo" / "plans" / "uniform_0.5@768.json").is_file()
+
+
+@pytest.mark.parametrize("density", [0.5, 0.25, 0.1])
+def test_baselines_meet_the_density_within_a_hundredth_at_every_length(density):
+    from mixattn.compress.pipeline import duo_window
+
+    rng = np.random.default_rng(0)
+    scores = rng.random((30, 3)).tolist()
+    for L in (1024, 2048, 4096, 8192):
+        N = L + 16
+        uni = Plan.uniform(30, 3, density, N)
+        duo = Plan.duo(scores, density, N, 64, duo_window(density, N))
+        assert abs(uni.density([N]) - density) <= 0.01, (L, uni.density([N]))
+        assert abs(duo.density([N]) - density) <= 0.01, (L, duo.density([N]))

@@ -171,7 +171,15 @@ def baseline(source, kind: str, density: float, length: int, sink: int = 64, mod
         return Plan.uniform(L, H, density, length, sink, **kw)
     if scores is None:
         scores = mass_scores(model, tok)
-    return Plan.duo(scores, density, length, sink, **kw)
+    return Plan.duo(scores, density, length, sink, duo_window(density, length, sink), **kw)
+
+
+def duo_window(density: float, length: int, sink: int = 64, window: int = 256) -> int:
+    """The streaming heads' window: ``window``, shrunk where sink + window alone would use more than
+    3/4 of the budget at ``length`` (so that some heads can stay full and the density can be met)."""
+    if (sink + window) / length <= 0.75 * density:
+        return window
+    return max(16, int(0.75 * density * length) - sink)
 
 
 def mass_scores(model, tok) -> list:
