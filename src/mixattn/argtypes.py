@@ -18,36 +18,23 @@ def _number(text: str, kind):
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _at_least(kind, low, strict: bool = False, name: str = ""):
+    """A type for numbers of ``kind`` that are >= ``low`` (> ``low`` when ``strict``)."""
+
+    def parse(text: str):
+        value = _number(text, kind)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {value}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    """An integer >= 0."""
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    """A finite number >= 0."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+positive_int = _at_least(int, 1, name="positive_int")  # counts, sizes, lengths
+nonneg_int = _at_least(int, 0, name="nonneg_int")  # seeds, warm-up steps
+positive_float = _at_least(float, 0, strict=True, name="positive_float")  # learning rates
+nonneg_float = _at_least(float, 0, name="nonneg_float")  # coefficients, temperatures
 
 
 def fraction(text: str) -> float:
