@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mixattn import kernels
+from mixattn.kernels import grouped
 from tests.conftest import grads
 
 
@@ -17,14 +19,57 @@ def _grouped_case(N, I, O, E, empty=()):
     return x, w, counts
 
 
-@pytest.mark.parametrize("I,O,E,empty", [(8, 12, 4, ()), (16, 4, 3, (0,)), (7, 5, 3, (1,)), (8, 8, 1, ())])
-def test_grouped_linear_matches_reference(I, O, E, empty):
+def _grouped_brute(x, w, counts):
+    """Row r of the expert-sorted input times its expert's weight, one row at a time."""
+    owner = [e for e, c in enumerate(counts.tolist()) for _ in range(c)]
+    rows = [w[e] @ x[r] for r, e in enumerate(owner)]
+    return torch.stack(rows) if rows else x.new_zeros(0, w.shape[1])
+
+
+def _grouped_bounds(x, w, counts, g):
+    """First-order fp32 rounding bounds (length-n dot products: n eps max|a| max|b|) of y = x w_e^T
+    (n = in), dx = g w_e (n = out) and dw_e = sum of its rows' g x^T (n = rows of e)."""
+    eps = torch.finfo(x.dtype).eps
+    xm, wm, gm = (float(t.detach().abs().max()) for t in (x, w, g))
+    return (eps * w.shape[2] * xm * wm, eps * w.shape[1] * gm * wm, eps * max(1, int(counts.max())) * gm * xm)
+
+
+GROUPED_CASES = [(8, 12, 4, ()), (16, 4, 3, (0,)), (8, 8, 1, ()), (12, 20, 5, (1, 3)), (7, 5, 3, (1,))]
+
+
+@pytest.mark.parametrize("I,O,E,empty", GROUPED_CASES)
+def test_grouped_linear_matches_a_row_by_row_product(I, O, E, empty, monkeypatch):
+    """``grouped`` against a brute-force row loop, outputs and gradients. Aligned shapes must run
+    F.grouped_mm (the fallback is made to raise); the unaligned (7, 5, 3) must take the fallback."""
     x, w, counts = _grouped_case(11, I, O, E, empty)
-    ref = kernels.get("grouped_linear", "reference")(x, w, counts)
+    aligned = I % 4 == 0 and O % 4 == 0  # fp32: every stride a multiple of 16 bytes
+    assert (grouped.grouped_mm_unsupported(x, w) is None) == aligned
+    calls = {"grouped_mm": 0, "fallback": 0}
+    real_mm, real_ref = F.grouped_mm, grouped.grouped_linear_reference
+
+    def spy_mm(*a, **kw):
+        calls["grouped_mm"] += 1
+        return real_mm(*a, **kw)
+
+    def spy_ref(*a, **kw):
+        calls["fallback"] += 1
+        return real_ref(*a, **kw)
+
+    monkeypatch.setattr(F, "grouped_mm", spy_mm)
+    monkeypatch.setattr(grouped, "grouped_linear_reference", spy_ref)
     out = kernels.get("grouped_linear", "grouped")(x, w, counts)
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(grads(out, (x, w)), grads(ref, (x, w))):
-        torch.testing.assert_close(a, b)
+    assert calls == ({"grouped_mm": 1, "fallback": 0} if aligned else {"grouped_mm": 0, "fallback": 1})
+    xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
+    want = _grouped_brute(xd, wd, counts)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    tol_y, tol_x, tol_w = _grouped_bounds(x, w, counts, g)
+    torch.testing.assert_close(out.double(), want, atol=tol_y, rtol=0)
+    gx, gw = torch.autograd.grad(out, (x, w), g)
+    wx, ww = torch.autograd.grad(want, (xd, wd), g.double())
+    torch.testing.assert_close(gx.double(), wx, atol=tol_x, rtol=0)
+    torch.testing.assert_close(gw.double(), ww, atol=tol_w, rtol=0)
+    for e in empty:
+        assert torch.equal(gw[e], torch.zeros_like(gw[e]))  # an expert with no rows gets no gradient
 
 
 def test_grouped_linear_single_row_and_sum_backward():
