@@ -1,5 +1,5 @@
 """``MixtureConfig``: one frozen dataclass describing a Llama-style decoder whose layers each pick
-an attention (dense, MoH, MoA, BAM) and an FFN (dense, MoE), plus named ``PRESETS``.
+an attention (dense, MoH, MoA, BAM, RCMHA) and an FFN (dense, MoE), plus named ``PRESETS``.
 
 Configs round-trip through JSON (``to_dict`` / ``from_dict``); unknown keys and bad values raise
 ``ValueError`` naming the key.
@@ -15,9 +15,10 @@ from ..layers.attention import AttentionConfig
 from ..layers.moa import MoAConfig
 from ..layers.moe import MoEConfig
 from ..layers.moh import MoHConfig
+from ..layers.rcmha import RCMHAConfig
 from ..layers.routers import RouterConfig
 
-ATTENTIONS = ("dense", "moh", "moa", "bam", "bam_kv")
+ATTENTIONS = ("dense", "moh", "moa", "bam", "bam_kv", "rcmha")
 FFNS = ("dense", "moe")
 BLOCKS = ("sequential", "parallel")
 BALANCES = ("switch", "sequence", "global", "none")
@@ -47,6 +48,7 @@ class MixtureConfig:
     moh: MoHConfig = field(default_factory=lambda: MoHConfig(shared_heads=2, top_k=1))
     moa: MoAConfig = field(default_factory=MoAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    rcmha: RCMHAConfig = field(default_factory=RCMHAConfig)  # conv + relative positions (ablations: MDHA, RMHA)
     bam_experts: int = 2  # soft attention experts per BAM layer
     balance: str = "switch"  # switch | sequence | global (buffered over accumulation) | none
     balance_coef: float = 0.01  # JetMoE / MoH beta
@@ -156,6 +158,18 @@ def _variants(base: MixtureConfig, prefix: str) -> dict[str, MixtureConfig]:
 
 
 PRESETS: dict[str, MixtureConfig] = {**_variants(_TINY, "tiny"), **_variants(_SMALL, "small")}
+
+
+def _rcmha_variants(base: MixtureConfig, prefix: str) -> dict[str, MixtureConfig]:
+    """RCMHA and its two ablations: MDHA (convolution, RoPE kept) and RMHA (relative positions only)."""
+    return {
+        f"{prefix}-rcmha": replace(base, attention="rcmha", rcmha=RCMHAConfig()),
+        f"{prefix}-mdha": replace(base, attention="rcmha", rcmha=RCMHAConfig(position="rope")),
+        f"{prefix}-rmha": replace(base, attention="rcmha", rcmha=RCMHAConfig(conv_kernel=0)),
+    }
+
+
+PRESETS.update({**_rcmha_variants(_TINY, "tiny"), **_rcmha_variants(_SMALL, "small")})
 
 
 def from_name(name: str) -> MixtureConfig:

@@ -19,6 +19,7 @@ from ..layers.moa import MoAAttention
 from ..layers.moe import MoE
 from ..layers.moh import MoHAttention
 from ..layers.norm import RMSNorm, SwiGLU
+from ..layers.rcmha import RCMHAttention
 from ..layers.routers import RouterOutput
 from .config import MixtureConfig
 
@@ -44,6 +45,8 @@ def build_attention(cfg: MixtureConfig, kind: str) -> nn.Module:
         return MoAAttention(acfg, cfg.moa)
     if kind == "bam":
         return BAMAttention(acfg, cfg.bam_experts)
+    if kind == "rcmha":
+        return RCMHAttention(acfg, cfg.rcmha)
     return BAMSharedKVAttention(acfg, cfg.bam_experts)
 
 
@@ -102,6 +105,9 @@ class MixtureLM(nn.Module):
         caches = []
         for layer in self.layers:
             spec = getattr(layer.attn, "sparse", None)
+            if isinstance(layer.attn, RCMHAttention):  # dense K/V plus the convolution's state
+                caches.append(layer.attn.new_cache(ref_len or 0))
+                continue
             # sized once for N: growing by doubling would over-allocate up to 2x at the first decode step
             caches.append(spec.new_cache(ref_len) if spec is not None and ref_len else KVCache(ref_len or 0))
         return caches
