@@ -8,6 +8,7 @@ Public API:
 """
 
 from .compress import Plan, apply_plan, remove_plan
+from .integrations import hf  # mixattn.hf.apply_plan / remove_plan / SparseCache on transformers models (lazy)
 from .models import PRESETS, MixtureConfig, MixtureLM, ModelOutput, count_parameters, from_name, pad_left
 from .models.checkpoint import save
 from .train.data import ByteTokenizer, load_corpus
@@ -50,6 +51,6 @@ def export(model: MixtureLM, directory, format: str = "llama", tokenizer=None):
 
 __all__ = [
     "PRESETS", "ByteTokenizer", "MixtureConfig", "MixtureLM", "ModelOutput", "TrainConfig", "count_parameters",
-    "Plan", "apply_plan", "export", "from_name", "load", "load_corpus", "load_tokenizer", "pad_left", "remove_plan",
+    "Plan", "apply_plan", "export", "from_name", "hf", "load", "load_corpus", "load_tokenizer", "pad_left", "remove_plan",
     "save", "train",
 ]
