@@ -166,8 +166,9 @@ class locked:
     A second process (or a second ``locked`` in this one) gets a ``ValueError`` naming the holder at
     once, instead of racing on the same files. The lock is released by the OS if the holder dies."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, wait: bool = False):
         self.folder = Path(folder)
+        self.wait = wait  # block until the holder is done (caches) instead of failing (run folders)
         self._fh = None
 
     def __enter__(self) -> Path:
@@ -178,7 +179,7 @@ class locked:
         self.folder.mkdir(parents=True, exist_ok=True)
         fh = open(self.folder / LOCK_NAME, "a+")
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"

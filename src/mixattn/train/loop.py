@@ -199,6 +199,7 @@ def train(
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
         state = checkpoint.load_train_state(ckpt_dir)
         checkpoint.load_weights(model, ckpt_dir)
+        checkpoint.check_finite(model, str(ckpt_dir))
         opt.load_state_dict(state["optimizer"])
         step, prev_top1, tok_time = state["step"], state["prev_top1"], state["tok_time"]
         torch.set_rng_state(state["rng"])

@@ -4,11 +4,12 @@ directories, GGUF files; export to HF Llama and JetMoe."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import time
 from pathlib import Path
 
-from ...paths import cache_dir
+from ...paths import cache_dir, locked
 from .. import checkpoint
 from ..decoder import MixtureLM
 from .gguf import load_gguf
@@ -37,14 +38,31 @@ def embedded_gguf(name: str) -> Path:
 def embedded_dir(name: str) -> Path:
     """The converted embedded model, cached once as a native checkpoint (fp32 safetensors + tokenizer)."""
     target = cache_dir() / "models" / name
-    if not (target / "model.safetensors").is_file():
-        gguf_path = embedded_gguf(name)
-        t0 = time.perf_counter()
-        log.warning("converting %s from %s (once; cached in %s)", name, gguf_path.name, target)
-        model, tok = load_gguf(gguf_path), load_gguf_tokenizer(gguf_path)
-        checkpoint.save(model, target, tokenizer=tok, extra={"source": str(gguf_path)})
-        log.warning("converted %s in %.1fs", name, time.perf_counter() - t0)
+    gguf_path = embedded_gguf(name)
+    stat = gguf_path.stat()
+    stamp = {"source": str(gguf_path), "source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns}
+    if not _converted(target, stamp):
+        with locked(target.parent, wait=True):  # one converter at a time; the others wait, then reuse
+            if not _converted(target, stamp):
+                _convert(name, gguf_path, target, stamp)
     return target
+
+
+def _converted(target: Path, stamp: dict) -> bool:
+    """Whether ``target`` holds a conversion of exactly this GGUF (a reinstalled or upgraded package
+    invalidates it)."""
+    if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+        return False
+    meta = json.loads((target / "config.json").read_text())
+    return all(meta.get(k) == v for k, v in stamp.items())
+
+
+def _convert(name: str, gguf_path: Path, target: Path, stamp: dict) -> None:
+    t0 = time.perf_counter()
+    log.warning("converting %s from %s (once; cached in %s)", name, gguf_path.name, target)
+    model, tok = load_gguf(gguf_path), load_gguf_tokenizer(gguf_path)
+    checkpoint.save(model, target, tokenizer=tok, extra=stamp)
+    log.warning("converted %s in %.1fs", name, time.perf_counter() - t0)
 
 
 def resolve(source: str | Path) -> str | Path:
