@@ -105,12 +105,32 @@ def test_jetmoe_import_and_export_round_trip(tmp_path):
         torch.testing.assert_close(again(ids).logits, want, atol=1e-4, rtol=1e-4)
 
 
-def write_llama_gguf(hf_model, path):
-    """A tiny GGUF as llama.cpp's converter writes it: llama.* metadata, blk.* names, permuted q/k."""
+def gguf_rows(n_head: int) -> list[int]:
+    """llama.cpp's q/k row order (convert_hf_to_gguf.py's ``permute``), hard-coded for head_dim 8:
+    within a head, GGUF row 2i holds HF row i and row 2i + 1 holds HF row i + 4 (RoPE pairs
+    interleaved instead of rotate-half)."""
+    return [h * 8 + r for h in range(n_head) for r in (0, 4, 1, 5, 2, 6, 3, 7)]
+
+
+def q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's block_q8_0, written out: per block of 32 values d = fp16(max|x| / 127) then 32 int8
+    q = round(x / d). Returns (bytes (rows, cols / 32 * 34), the dequantised values d * q)."""
+    blocks = w.reshape(-1, 32)
+    d = (np.abs(blocks).max(1, keepdims=True) / 127).astype(np.float16)
+    q = np.clip(np.round(blocks / d.astype(np.float32)), -127, 127).astype(np.int8)
+    raw = np.concatenate([d.view(np.uint8), q.view(np.uint8)], axis=1).reshape(w.shape[0], -1)
+    return raw, (d.astype(np.float32) * q).reshape(w.shape)
+
+
+def write_llama_gguf(hf_model, path, arch="llama", quantize=(), raw_type=None, extra=(), drop=()):
+    """A tiny GGUF as llama.cpp's converter writes it: llama.* metadata, blk.* names, q/k rows in
+    llama.cpp's order. HF keys in ``quantize`` are stored as Q8_0 (or as zero bytes of type ``raw_type``)
+    and the model's weights are set to their dequantised values so that the
+    GGUF and the HF model stay the same model. ``extra`` names additional tensors, ``drop`` omits some."""
     import gguf
 
     c = hf_model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -125,22 +145,47 @@ def write_llama_gguf(hf_model, path):
     per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
                  "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+    params = dict(hf_model.named_parameters())
     for key, t in hf_model.state_dict().items():
         if key not in names:
             i, rest = key.split(".")[2], ".".join(key.split(".")[3:-1])
             names[key] = f"blk.{i}.{per_layer[rest]}.weight"
-        if c.tie_word_embeddings and key == "lm_head.weight":
+        if (c.tie_word_embeddings and key == "lm_head.weight") or names[key] in drop:
             continue
-        t = t.detach().float()
+        t = t.detach().float().numpy()
         if "q_proj" in key:
-            t = permute_for_gguf(t, c.num_attention_heads)
+            t = t[gguf_rows(c.num_attention_heads)]
         elif "k_proj" in key:
-            t = permute_for_gguf(t, c.num_key_value_heads)
-        w.add_tensor(names[key], t.numpy().astype(np.float32))
+            t = t[gguf_rows(c.num_key_value_heads)]
+        if key in quantize:  # per-row blocks, so the dequantised rows permute back like the fp32 ones
+            raw, deq = q8_0(t)
+            if raw_type is not None:  # another type: zero bytes of its size
+                block, size = gguf.GGML_QUANT_SIZES[raw_type]
+                raw = np.zeros((len(t), t.shape[1] // block * size), dtype=np.uint8)
+            w.add_tensor(names[key], raw, raw_dtype=raw_type or gguf.GGMLQuantizationType.Q8_0)
+            inverse = np.argsort(gguf_rows(len(t) // 8)) if "q_proj" in key or "k_proj" in key else slice(None)
+            with torch.no_grad():
+                params[key].copy_(torch.from_numpy(deq[inverse]))
+        else:
+            w.add_tensor(names[key], t.astype(np.float32))
+    for name in extra:
+        w.add_tensor(name, np.zeros(8, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_gguf_permutation_is_llama_cpp_order():
+    """The package's helpers against the hard-coded llama.cpp order, on rows labelled by index."""
+    from mixattn.models.hf.gguf import unpermute_from_gguf
+
+    hf_rows = torch.arange(24.0)[:, None].expand(24, 3)  # 3 heads of head_dim 8
+    gguf_order = torch.tensor(gguf_rows(3), dtype=torch.float32)[:, None].expand(24, 3)
+    assert gguf_rows(1) == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert torch.equal(permute_for_gguf(hf_rows, 3), gguf_order)
+    assert torch.equal(unpermute_from_gguf(gguf_order, 3), hf_rows)
+    assert torch.equal(unpermute_from_gguf(torch.arange(16.0), 2), torch.tensor(gguf_rows(2)).argsort().float())
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -150,6 +195,53 @@ def test_gguf_round_trip_matches_source(tied, tmp_path):
     ours = mixattn.load(tmp_path / "m.gguf")
     with torch.no_grad():
         torch.testing.assert_close(ours(_ids()).logits, hf(_ids()).logits, atol=1e-4, rtol=1e-4)
+
+
+Q8_KEYS = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+           "model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight")  # fmt: skip
+
+
+def test_gguf_q8_0_tensors_dequantise_exactly(tmp_path):
+    """Q8_0 q/k (permuted after dequantisation), FFN and embedding tensors: read_gguf returns
+    exactly d * q in HF row order, and the model matches transformers with those weights."""
+    from mixattn.models.hf.gguf import read_gguf
+
+    hf = _hf_llama(num_key_value_heads=2, tie_word_embeddings=False)
+    before = {k: hf.state_dict()[k].clone() for k in Q8_KEYS}
+    write_llama_gguf(hf, tmp_path / "m.gguf", quantize=Q8_KEYS)
+    _, tensors = read_gguf(tmp_path / "m.gguf")
+    for key in Q8_KEYS:
+        want = hf.state_dict()[key]  # the dequantised values, in HF order
+        assert not torch.equal(want, before[key])  # quantisation changed them: the check has teeth
+        assert torch.equal(tensors[key], want), key
+    with torch.no_grad():
+        torch.testing.assert_close(mixattn.load(tmp_path / "m.gguf")(_ids()).logits, hf(_ids()).logits,
+                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
+def test_gguf_error_paths(tmp_path):
+    import gguf
+
+    from mixattn.models.hf.gguf import read_gguf
+
+    hf = _hf_llama(num_key_value_heads=2)
+    with pytest.raises(FileNotFoundError, match="no such GGUF file: .*missing.gguf"):
+        read_gguf(tmp_path / "missing.gguf")
+    write_llama_gguf(hf, tmp_path / "gpt2.gguf", arch="gpt2")
+    with pytest.raises(ValueError, match=r"gpt2.gguf: GGUF architecture 'gpt2' is not supported \(only 'llama'\)"):
+        mixattn.load(tmp_path / "gpt2.gguf")
+    write_llama_gguf(hf, tmp_path / "l3.gguf", extra=("rope_freqs.weight",))
+    with pytest.raises(ValueError, match="l3.gguf: Llama-3 rope_freqs GGUF tensors are not supported"):
+        mixattn.load(tmp_path / "l3.gguf")
+    write_llama_gguf(hf, tmp_path / "q81.gguf", quantize=Q8_KEYS[:1], raw_type=gguf.GGMLQuantizationType.Q8_1)
+    with pytest.raises(ValueError, match="q81.gguf: cannot dequantise tensor 'blk.0.attn_q.weight'"):
+        mixattn.load(tmp_path / "q81.gguf")
+    write_llama_gguf(hf, tmp_path / "extra.gguf", extra=("blk.0.attn_q_norm.weight",))
+    with pytest.raises(ValueError, match="extra.gguf: unexpected tensor 'blk.0.attn_q_norm.weight'"):
+        mixattn.load(tmp_path / "extra.gguf")
+    write_llama_gguf(hf, tmp_path / "short.gguf", drop=("blk.1.ffn_up.weight",))
+    with pytest.raises(ValueError, match=r"short.gguf: missing tensor 'layers.1.ffn.up_proj.weight'"):
+        mixattn.load(tmp_path / "short.gguf")
 
 
 # ----------------------------------------------------------------------------- bad input
