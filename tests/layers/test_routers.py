@@ -130,3 +130,85 @@ def test_graph_smoothing_is_causal():
     x2 = x.clone()
     x2[0, 5:] = torch.randn(3, 16)
     torch.testing.assert_close(g(x).probs[:5], g(x2).probs[:5])
+
+
+# ------------------------------------------------------------------ gate values from formulas written here
+
+
+def _expected_gates(logits, indices, scoring, gate_norm, k):
+    """Gate values in float64 from the router's fp32 logits, one formula per option:
+    softmax p_e = exp(l_e) / sum_j exp(l_j), sigmoid p_e = 1 / (1 + exp(-l_e)); then for the
+    selected experts S: none p_e, renorm p_e / sum_S p, softmax_topk exp(l_e) / sum_S exp(l),
+    scale_k k p_e / sum_S p."""
+    l = logits.double()
+    if scoring == "softmax":
+        p = torch.exp(l - l.max(-1, keepdim=True).values)
+        p = p / p.sum(-1, keepdim=True)
+    else:
+        p = 1 / (1 + torch.exp(-l))
+    picked = p.gather(1, indices)
+    if gate_norm == "none":
+        return p, picked
+    if gate_norm == "renorm":
+        return p, picked / picked.sum(-1, keepdim=True)
+    if gate_norm == "scale_k":
+        return p, k * picked / picked.sum(-1, keepdim=True)
+    e = torch.exp(l.gather(1, indices) - l.gather(1, indices).max(-1, keepdim=True).values)
+    return p, e / e.sum(-1, keepdim=True)
+
+
+def _fp32_bound(E, k):
+    """A softmax or sigmoid over E fp32 logits, then a sum over k and a division: relative
+    rounding of at most (E + k + 4) eps on values up to k."""
+    return torch.finfo(torch.float32).eps * (E + k + 4) * k
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("gate_norm", ["none", "renorm", "softmax_topk", "scale_k"])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_gate_values_match_the_formulas(scoring, gate_norm, top_k):
+    E, d = 6, 16
+    r = _router(scoring=scoring, gate_norm=gate_norm, top_k=top_k)
+    with torch.no_grad():
+        r.proj.weight.copy_(torch.randn(E, d))  # logits of order 1-10: gates far from uniform
+    x = torch.randn(2, 9, d)
+    out = r(x)
+    want_logits = x.reshape(18, d).double() @ r.proj.weight.double().T
+    bound = torch.finfo(torch.float32).eps * d * float(x.abs().max() * r.proj.weight.abs().max())  # length-d dots
+    torch.testing.assert_close(out.logits.double(), want_logits, atol=bound, rtol=0)
+    top = torch.argsort(out.logits.double(), dim=-1, descending=True)[:, :top_k]  # the k largest logits
+    assert torch.equal(out.indices.sort(-1).values, top.sort(-1).values)
+    probs, gates = _expected_gates(out.logits, out.indices, scoring, gate_norm, top_k)
+    torch.testing.assert_close(out.probs.double(), probs, atol=_fp32_bound(E, 1), rtol=0)
+    torch.testing.assert_close(out.weights.double(), gates, atol=_fp32_bound(E, top_k), rtol=0)
+    if top_k > 1 and gate_norm != "none":  # the test can tell the formulas from uniform gates
+        uniform = torch.full_like(gates, 1.0 / top_k) * (top_k if gate_norm == "scale_k" else 1)
+        assert (gates - uniform).abs().max() > 100 * _fp32_bound(E, top_k)
+
+
+def test_selection_bias_gates_are_the_unbiased_probs():
+    """DeepSeek-V3: selection on sigmoid(l) + b, gate sigmoid(l) of the selected (renormalised)."""
+    r = _router(scoring="sigmoid", gate_norm="renorm", top_k=2, bias_rate=0.1)
+    x = torch.randn(1, 12, 16)
+    r.selection_bias.copy_(torch.tensor([0.0, 0.3, -0.2, 0.0, 0.5, -0.4]))
+    out = r(x)
+    p = 1 / (1 + torch.exp(-out.logits.double()))
+    top = torch.argsort(p + r.selection_bias.double(), dim=-1, descending=True)[:, :2]
+    assert torch.equal(out.indices.sort(-1).values, top.sort(-1).values)
+    picked = p.gather(1, out.indices)
+    torch.testing.assert_close(out.weights.double(), picked / picked.sum(-1, keepdim=True),
+                               atol=_fp32_bound(6, 2), rtol=0)  # fmt: skip
+
+
+def test_query_norm_logits_formula():
+    """MoH-LLaMA3's parameter-free score: |q_h|_2 divided by the unbiased std over the heads."""
+    q = torch.randn(5, 6, 8).double()
+    norms = [[sum(float(x) ** 2 for x in q[t, h]) ** 0.5 for h in range(6)] for t in range(5)]
+    want = []
+    for row in norms:
+        mean = sum(row) / 6
+        std = (sum((n - mean) ** 2 for n in row) / 5) ** 0.5
+        want.append([n / std for n in row])
+    got = query_norm_logits(q.float())
+    bound = torch.finfo(torch.float32).eps * (8 + 6 + 4) * float(got.abs().max())  # sums of 8 and 6 terms
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), atol=bound, rtol=0)
