@@ -56,6 +56,10 @@ EXAMPLES = {
   mixattn plan show runs/plan_0.5.json                    # summary + heatmap PNG next to the plan
   mixattn plan baseline --kind uniform --density 0.5 smollm2-135m --out uniform.json
   mixattn plan baseline --kind duo --density 0.25 smollm2-135m --out duo.json
+  mixattn plan import moa moa_alpha_beta.json --model smollm2-135m --out moa.json      # MoA (arXiv 2406.14909)
+  mixattn plan import duo full_attention_heads.tsv --config config.json --sparsity 0.5 --model smollm2-135m --out duo.json
+  mixattn plan export moa plan.json --model smollm2-135m --out moa_alpha_beta.json
+  mixattn plan export duo plan.json --out duo/          # full_attention_heads.tsv + config.json (arXiv 2410.10819)
 """,
     "demo": """examples:
   mixattn demo                       # the main job on the embedded smollm2-135m (make demo)
@@ -347,6 +351,56 @@ def cmd_plan(a) -> int:
     from .compress.pipeline import baseline
     from .compress.plan import Plan
 
+    if a.action in ("import", "export"):
+        from . import load
+        from .compress import interchange as ix
+
+        if a.target not in ("moa", "duo"):
+            raise ValueError(f"plan {a.action}: the format must be moa or duo, got {a.target!r}")
+        if a.file is None or a.out is None:
+            what = "a plan JSON" if a.action == "export" else {"moa": "moa_alpha_beta.json", "duo": "a gate TSV"}[a.target]
+            raise ValueError(f"plan {a.action} {a.target} needs FILE ({what}) and --out")
+        if a.action == "import" and a.target == "moa" and (a.config or a.sparsity is not None):
+            raise ValueError("--config and --sparsity are for plan import duo")
+        if a.action == "import" and a.target == "duo":
+            if a.config is None or a.sparsity is None:
+                raise ValueError("plan import duo needs --config (DuoAttention's config.json) and --sparsity")
+            if not 0 <= a.sparsity <= 1:  # also refuses nan
+                raise ValueError(f"--sparsity must be in [0, 1], got {a.sparsity}")
+        needs_model = a.action == "import" or a.target == "moa"
+        if needs_model and a.model is None:
+            raise ValueError(f"plan {a.action} {a.target} needs --model (for its layer and head counts)")
+        if a.action == "export":
+            plan = Plan.load(a.file)
+            if a.target == "duo":
+                tsv, conf = ix.save_duo(plan, a.out)
+                print(f"DuoAttention plan: {tsv} ({plan.num_layers} layers x {plan.num_kv_heads} KV heads), {conf}")
+                return 0
+            cfg = load(a.model).cfg
+            plan.validate(cfg)
+            path = ix.save_moa(plan, a.out, cfg.num_heads)
+            print(f"MoA plan: {path} ({plan.num_layers} layers x {cfg.num_heads} query heads, each KV head's rule "
+                  f"repeated for its {cfg.num_heads // cfg.num_kv_heads} query heads)")  # fmt: skip
+            return 0
+        if Path(a.out).is_dir():
+            raise ValueError(f"--out {a.out} is a folder; a plan file path is expected")
+        cfg = load(a.model).cfg
+        kw = {"model_name": str(a.model), "profile_lengths": a.lengths or (1024, 2048, 4096)}
+        if a.target == "moa":
+            plan = ix.load_moa(a.file, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, a.gqa, **kw)
+            other = "mean" if a.gqa == "max" else "max"
+            alt = ix.load_moa(a.file, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, other, **kw)
+            note = f"{plan.meta['note']}; mean density {plan.density():.3f} (--gqa {other}: {alt.density():.3f})"
+        else:
+            plan = ix.load_duo(a.file, a.config, a.sparsity, cfg.num_layers, cfg.num_kv_heads, **kw)
+            note = plan.meta["note"]
+        plan.save(a.out)
+        print(plan.summary())
+        print(note)
+        print(f"plan: {a.out}")
+        return 0
+    if a.file is not None:
+        raise ValueError(f"plan {a.action} takes one {'plan file' if a.action == 'show' else 'model'}, got {a.file!r} too")
     if a.action == "show":
         plan = Plan.load(a.target)
         png = Path(a.png or Path(a.target).with_suffix(".png"))
@@ -461,9 +515,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="the big grid: 5 tasks x 1k-8k x 5 depths x 4 = 20 per cell")
     p.add_argument("--out", required=True)
 
-    p = add("plan", "show a plan (summary + heatmap) or build a baseline plan", cmd_plan)
-    p.add_argument("action", choices=["show", "baseline"])
-    p.add_argument("target", help="show: a plan JSON; baseline: the model")
+    p = add("plan", "show a plan (summary + heatmap), build a baseline plan, or import / export MoA and "
+            "DuoAttention plan files", cmd_plan)  # fmt: skip
+    p.add_argument("action", choices=["show", "baseline", "import", "export"])
+    p.add_argument("target", help="show: a plan JSON; baseline: the model; import / export: the format, moa or duo")
+    p.add_argument("file", nargs="?", help="import: MoA's moa_alpha_beta.json or DuoAttention's "
+                   "full_attention_heads.tsv; export: a plan JSON")  # fmt: skip
+    p.add_argument("--model", help="import, export moa: the model, for its layer and head counts")
+    p.add_argument("--config", help="import duo: DuoAttention's config.json (sink_size, recent_size)")
+    p.add_argument("--sparsity", type=float, help="import duo: share of KV heads made streaming (gate below "
+                   "this quantile of all gates), in [0, 1]")  # fmt: skip
+    p.add_argument("--gqa", choices=["max", "mean"], default="max", help="import moa: how a KV head's query "
+                   "heads' rules become one (max: each sees at least its MoA span; mean: keeps the density)")  # fmt: skip
     p.add_argument("--kind", choices=["uniform", "duo", "dense"], default="uniform")
     p.add_argument("--density", type=fraction)
     p.add_argument("--length", type=positive_int, help="reference length (baseline sizing; show: heatmap length)")
