@@ -4,6 +4,7 @@ greedy generate with ``SparseCache`` gives MixtureLM's tokens; the cache holds d
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +177,18 @@ def test_an_all_dense_plan_leaves_logits_unchanged():
         dense = model(ids).logits
         hf.apply_plan(model, Plan.dense(2, 2))
         _close(model(ids).logits, dense)
+
+
+def test_the_docs_example_runs(tmp_path):
+    text = (Path(__file__).resolve().parents[2] / "docs" / "transformers.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    _hf_model("llama").save_pretrained(tmp_path / "m")
+    PLAN.save(tmp_path / "plan.json")
+    code = code.replace("path/to/llama-dir", str(tmp_path / "m")).replace('"plan.json"', repr(str(tmp_path / "plan.json")))
+    scope = {"ids": _ids()}
+    exec(code, scope)
+    assert scope["model"].config._attn_implementation == "mixattn"
+    assert 40 < scope["out"].shape[1] <= 40 + 64 and scope["cache"].nbytes() > 0
 
 
 # ---------------------------------------------------------------- errors
