@@ -72,6 +72,11 @@ EXAMPLES = {
     "presets": """examples:
   mixattn presets
 """,
+    "mil": """examples:
+  mixattn --threads 1 mil --out runs/mil                      # ABMIL, MBA, MBA+STKIM on digit bags, 5 seeds
+  mixattn mil --methods abmil,mba_stkim --seeds 3 --bag-mean 20 --target 7 --out runs/mil7
+  (needs scikit-learn: pip install 'mixattn[mil]'; writes results.md, results.json and heatmap.png)
+""",
 }
 
 
@@ -447,6 +452,21 @@ def cmd_presets(a) -> int:
     return 0
 
 
+def cmd_mil(a) -> int:
+    from .mil import BagsConfig, MILTrainConfig, run_mil_experiment
+
+    bags = BagsConfig(target=a.target, bag_mean=a.bag_mean, bag_std=a.bag_std, train_bags=a.train_bags,
+                      test_bags=a.test_bags, positive_rate=a.positive_rate)  # fmt: skip
+    train = MILTrainConfig(epochs=a.epochs, num_branches=a.branches, top_k=a.top_k, mask_rate=a.mask_rate,
+                           diversity_coef=a.diversity_coef)  # fmt: skip
+    methods = tuple(m.strip() for m in a.methods.split(","))
+    with locked(a.out):
+        table = run_mil_experiment(a.out, tuple(range(a.seeds)), methods, bags, train)
+    print(table)
+    print(f"\nresults: {Path(a.out) / 'results.md'}, heatmap: {Path(a.out) / 'heatmap.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="mixattn", description="Transformers whose attention is a mixture.")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
@@ -550,6 +570,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("variants", nargs="+", help="preset, or label=preset[,key=value...]")
     p.add_argument("--out", required=True)
     _add_train_args(p)
+
+    p = add("mil", "multiple instance learning on digit bags: ABMIL vs ACMIL (MBA, STKIM) attention pools", cmd_mil)
+    p.add_argument("--out", required=True, help="folder for results.md, results.json and heatmap.png")
+    p.add_argument("--methods", default="abmil,mba,mba_stkim", help="comma-separated subset of abmil,mba,mba_stkim")
+    p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1, each with its own bags (default 5)")
+    p.add_argument("--target", type=nonneg_int, default=9, help="digit that makes a bag positive (default 9)")
+    p.add_argument("--bag-mean", type=positive_float, default=10.0, help="mean bag size (default 10)")
+    p.add_argument("--bag-std", type=nonneg_float, default=2.0, help="bag size std (default 2)")
+    p.add_argument("--train-bags", type=positive_int, default=100, help="training bags (default 100)")
+    p.add_argument("--test-bags", type=positive_int, default=400, help="test bags (default 400)")
+    p.add_argument("--positive-rate", type=fraction, default=0.5, help="share of positive bags (default 0.5)")
+    p.add_argument("--epochs", type=positive_int, default=40, help="training epochs (default 40)")
+    p.add_argument("--branches", type=positive_int, default=5, help="MBA attention branches (default 5)")
+    p.add_argument("--top-k", type=positive_int, default=3, help="STKIM candidates per branch (default 3)")
+    p.add_argument("--mask-rate", type=fraction, default=0.6, help="STKIM share of the top-k masked (default 0.6)")
+    p.add_argument("--diversity-coef", type=nonneg_float, default=1.0, help="branch diversity weight (default 1)")
 
     add("presets", "list the model presets with total and active parameters", cmd_presets)
     return parser
