@@ -38,8 +38,8 @@ def summary_table(rows: list[dict], methods, k: int) -> str:
 
 
 def plot_heatmap(models: dict[str, MILClassifier], bags: Bags, index: int, path: Path, target: int) -> Path:
-    """Digits of one bag on top; below, one row of attention per method (MBA: the branches' mean,
-    then each branch of the last MBA model)."""
+    """Digits of one bag on top; below, one row of attention per method (multi-branch pools: the
+    branches' mean, then each branch)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,10 +54,9 @@ def plot_heatmap(models: dict[str, MILClassifier], bags: Bags, index: int, path:
             attn = model(x, mask)[2].attn[0]  # (M, n)
             rows.append(attn.mean(0))
             names.append(LABELS[m] + (" (mean)" if attn.shape[0] > 1 else ""))
-        last, branches = list(models)[-1], models[list(models)[-1]](x, mask)[2].attn[0]
-        if branches.shape[0] > 1:
-            rows += list(branches)
-            names += [f"{LABELS[last]} branch {b + 1}" for b in range(branches.shape[0])]
+            if attn.shape[0] > 1:
+                rows += list(attn)
+                names += [f"  branch {b + 1}" for b in range(attn.shape[0])]
     heat = torch.stack(rows).numpy()
     fig, axes = plt.subplots(2, 1, figsize=(0.75 * n + 3, 0.42 * len(rows) + 2.0),
                              gridspec_kw={"height_ratios": [1.1, 0.42 * len(rows)]})  # fmt: skip
@@ -72,6 +71,9 @@ def plot_heatmap(models: dict[str, MILClassifier], bags: Bags, index: int, path:
         for c in range(n):
             axes[1].text(c, r, f"{heat[r, c]:.2f}", ha="center", va="center", fontsize=7,
                          color="black" if heat[r, c] > 0.6 * heat.max() else "white")  # fmt: skip
+    for r, name in enumerate(names):
+        if r and not name.startswith(" "):  # a line between methods
+            axes[1].axhline(r - 0.5, color="white", linewidth=2)
     axes[1].set_yticks(range(len(names)), names)
     axes[1].set_xticks(range(n), [f"#{i}" for i in range(n)])
     axes[1].set_xlabel("instance")
