@@ -4,7 +4,10 @@ Public API:
     MixtureConfig, MixtureLM, PRESETS, from_name   models and presets
     load(source), load_tokenizer(source)           native, HF Llama/JetMoe, GGUF, "smollm2-135m"
     save(model, path), export(model, path, format) checkpoints, HF llama / jetmoe export
-    train, TrainConfig, load_corpus                training on offline corpora
+    train, TrainConfig, load_corpus, ByteTokenizer training on offline corpora
+    Plan, apply_plan(model, plan), remove_plan     per-KV-head sparse attention plans on a MixtureLM
+    hf.apply_plan(model, plan), hf.remove_plan     the same plans on transformers Llama/Qwen2/Mistral models
+    pad_left(prompts)                              batches of unequal prompts for forward/generate(left_pad=...)
 """
 
 from .compress import Plan, apply_plan, remove_plan

@@ -1,6 +1,6 @@
 """The sparse attention plan: one (sink, alpha, beta) rule per layer and per KV head.
 
-Semantics (DESIGN.md): span(N) = min(N, max(1, floor(alpha + beta N))); query i sees key j when
+Semantics (MoA, arXiv 2406.14909, per KV head): span(N) = min(N, max(1, floor(alpha + beta N))); query i sees key j when
 j <= i and (j < sink or i - j < span(N)); a head's density at N is min(N, sink + span(N)) / N, the
 share of its KV cache kept. N is the input length of a forward, or prompt + max_new_tokens when
 generating. ``{"sink": 0, "alpha": 0, "beta": 1.0}`` is dense. Query heads sharing a KV head share

@@ -1,4 +1,4 @@
-"""Dense GQA -> MoA attention experts, exactly (shared/reference/architectures.md §8.3c).
+"""Dense GQA -> MoA attention experts, exactly (MoA: Zhang et al. 2022, arXiv 2210.05144; JetMoE, arXiv 2404.07413).
 
 Llama maps query head h to KV head h // G (G = heads per KV head). Expert g takes the query heads
 {j*G + g : j < Hkv}, one per KV head, which is exactly JetMoE's layout (expert slot s, head j reads

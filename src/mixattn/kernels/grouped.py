@@ -1,6 +1,6 @@
 """``grouped_linear`` through ``torch.nn.functional.grouped_mm``.
 
-Sharp edges of ``F.grouped_mm`` (torch 2.13, measured, see shared/reference/systems.md §1.4):
+Sharp edges of ``F.grouped_mm`` (torch 2.13, measured on CPU):
 every stride must be a multiple of 16 bytes, offsets must be int32, fp64 is refused, and the
 backward rejects expanded (stride-0) gradients. Unaligned shapes fall back to the reference
 loop, with one log line per process so users know they are on the slow path.

@@ -2,8 +2,8 @@
 
 One router serves every mixture in the package (MoE FFN, MoA attention experts, MoH heads, BAM):
 they all consume ``(x, indices, weights)``. Scoring, top-k selection and gate normalisation are
-named options (see ``RouterConfig``), following the comparison in shared/reference/architectures.md
-§8.1: Switch/ST-MoE, JetMoE (softmax over the top-k logits), MoH (renorm x k), DeepSeek-V3
+named options (see ``RouterConfig``) covering the routers of: Switch/ST-MoE (arXiv 2101.03961,
+2202.08906), JetMoE (softmax over the top-k logits), MoH (renorm x k), DeepSeek-V3
 (sigmoid + selection-only bias, "Auxiliary-Loss-Free Load Balancing", arXiv 2408.15664) and
 graph-of-tokens routing ("Improving Routing in Sparse MoE with Graph of Tokens", arXiv 2505.00792).
 

@@ -1,6 +1,6 @@
 """HF JetMoe checkpoints (MoA attention experts + MoE FFN) in and out of ``MixtureLM``.
 
-Semantics reproduced exactly (shared/reference/architectures.md §2.5): top-k on router logits,
+Semantics reproduced exactly (transformers ``modeling_jetmoe``; JetMoE, arXiv 2404.07413): top-k on router logits,
 gates = softmax over the k selected logits (``gate_norm="softmax_topk"``), K-first ``kv_proj``,
 tiled KV heads, output biases, and HF's norm quirk (block norms always use eps 1e-6; only the final
 norm uses ``rms_norm_eps``).
