@@ -137,6 +137,26 @@ def test_ragged_decode_equals_full_forward_past_the_window(preset):
     assert torch.equal(model.generate(ids[:, :9], 20), model.generate(ids[:, :9], 20, use_cache=False))
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moa"])
+def test_left_padded_chunked_decoding_over_a_dense_cache_equals_full_forward(preset):
+    """A plan with a dense ``KVCache`` (no ref_len): decode steps go through the reference kernel with
+    a query offset. Its rows of a left-padded sample used to be masked out entirely (error ~1)."""
+    model = MixtureLM(PRESETS[preset]).double().eval()  # float64: rounding ~1e-15, the bug's error ~1
+    apply_plan(model, _random_plan(model.cfg))
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(2))
+    pad, N = torch.tensor([0, 5]), 30
+    tol = torch.finfo(torch.float64).eps ** 0.5  # half the float64 digits
+    with torch.no_grad():
+        full = model(ids, ref_len=N, left_pad=pad).logits
+        cache = model.new_cache()
+        assert not any(isinstance(c, RaggedKVCache) for c in cache)
+        steps = [model(ids[:, :20], cache, ref_len=N, left_pad=pad).logits]
+        for t in range(20, 30):
+            steps.append(model(ids[:, t : t + 1], cache, start_pos=t, ref_len=N, left_pad=pad).logits)
+    torch.testing.assert_close(torch.cat(steps, 1)[1, 5:], full[1, 5:], atol=tol, rtol=0)
+    torch.testing.assert_close(torch.cat(steps, 1)[0], full[0], atol=tol, rtol=0)
+
+
 def test_cache_bytes_are_the_sum_over_heads():
     model = MixtureLM(PRESETS["tiny"])
     plan = _random_plan(model.cfg, seed=3)

@@ -21,10 +21,12 @@ from mixattn import kernels
 from mixattn.kernels import sparse as sparse_mod
 
 
-def brute_force(q, k, v, sink, span, left_pad=None):
-    """(B, H, T, D) attention from the rule, one (i, j) pair at a time; padded query rows are 0."""
+def brute_force(q, k, v, sink, span, left_pad=None, q_offset=0):
+    """(B, H, T, D) attention from the rule, one (i, j) pair at a time. Query t sits at position
+    i = q_offset + t among the Tk keys; with p = left_pad[b], keys j < p are padding and positions
+    count from p. Padded query rows (i < p) are 0."""
     B, H, T, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Tk = k.shape[1], k.shape[2]
     G = H // Hkv
     rows = []
     for b in range(B):
@@ -32,11 +34,12 @@ def brute_force(q, k, v, sink, span, left_pad=None):
         sees = []
         for kv in range(Hkv):
             s, w = int(sink[kv]), int(span[kv])
-            m = [[p <= j <= i and (j - p < s or i - j < w) for j in range(T)] for i in range(T)]
-            for i in range(p):  # padded query row: any key (finite softmax), zeroed below
-                m[i][0] = True
+            m = [[p <= j <= i and (j - p < s or i - j < w) for j in range(Tk)] for i in range(q_offset, q_offset + T)]
+            for t in range(T):
+                if q_offset + t < p:  # padded query row: any key (finite softmax), zeroed below
+                    m[t][0] = True
             sees.append(torch.tensor(m))
-        real = (torch.arange(T) >= p).to(q.dtype)[:, None]
+        real = (torch.arange(q_offset, q_offset + T) >= p).to(q.dtype)[:, None]
         heads = []
         for h in range(H):
             scores = q[b, h] @ k[b, h // G].T / math.sqrt(D)
@@ -120,6 +123,17 @@ def test_kernel_matches_brute_force_outputs_and_grads(impl, case):
     tol = _grad_bound(torch.float64, q, k, v, want)
     for a, b in zip(_grads(out, (q, k, v)), _grads(want, (q, k, v))):
         assert_close_bound(a, b, tol)
+
+
+@FAST
+@given(case=sparse_cases(max_T=160), offset=st.integers(0, 40))
+def test_reference_with_a_query_offset_matches_brute_force(case, offset):
+    """Chunked decoding over a dense cache: the last T - offset queries against all T keys."""
+    q, k, v, sink, span, pad = case
+    offset = min(offset, q.shape[2] - 1)
+    out = kernels.get("sparse_attention", "reference")(q[:, :, offset:], k, v, sink, span, pad, offset)
+    want = brute_force(q[:, :, offset:], k, v, sink, span, pad, offset)
+    assert_close_bound(out, want, rounding_bound(torch.float64, q, k, v))
 
 
 @pytest.mark.parametrize("T,spans", [(300, [150, 40, 1]), (385, [129, 256, 7]), (513, [100, 300, 382])])

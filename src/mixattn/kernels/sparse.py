@@ -55,8 +55,7 @@ def sparse_reference(q, k, v, sink, span, left_pad=None, q_offset: int = 0):
         pad = int(left_pad[b]) if left_pad is not None else 0
         # positions count from the first real token; padded keys are never visible
         m = rule_mask(T, sink, span, q_offset - pad, Tk - pad)  # (Hkv, T, Tk - pad)
-        m = F.pad(m, (pad, 0), value=False)
-        m[:, :pad] = False
+        m = F.pad(m, (pad, 0), value=False)  # padded keys: never visible (dim 1 is the query axis)
         m[:, torch.arange(T) < pad - q_offset, 0] = True  # padded query rows: any key, zeroed below
         masks.append(m.repeat_interleave(G, dim=0))  # (H, T, Tk)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.stack(masks), enable_gqa=G > 1)
