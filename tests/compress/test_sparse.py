@@ -260,3 +260,29 @@ def test_summary_and_plot(tmp_path):
     png = plan.plot(tmp_path / "plan.png")
     assert png.stat().st_size > 1000
     assert mixattn.Plan is Plan
+
+
+# ------------------------------------------------------------------ SparseSpec: the span rule's one home
+
+
+def test_sparse_spec_spans_density_and_kernel_choice():
+    """span(N) = min(N, max(1, floor(alpha + beta N))), written out; dense at N iff sink + span >= N;
+    "auto" takes blocked when a gradient is needed and flex otherwise."""
+    from mixattn.layers.sparse import SparseSpec, _pick
+
+    rules = [(0, 0.0, 0.0), (3, 10.0, 0.25), (0, 5.5, 1.0), (2, 0.4, 0.3), (7, 100.0, 0.0)]
+    spec = SparseSpec(*map(tuple, zip(*rules)))
+    for N in (1, 4, 17, 40, 100, 1000):
+        want = []
+        for _, alpha, beta in rules:
+            span = math.floor(alpha + beta * N)
+            want.append(N if span > N else 1 if span < 1 else span)
+        assert spec.spans(N).tolist() == want, N
+        assert spec.is_dense_at(N) == all(s + w >= N for (s, _, _), w in zip(rules, want))
+    assert spec.spans(40).tolist() == [1, 20, 40, 12, 40]  # floors and both clamps, by hand
+    assert SparseSpec((3,), (10.0,), (0.25,)).is_dense_at(17) and not SparseSpec((3,), (10.0,), (0.25,)).is_dense_at(18)
+    q = torch.zeros(1, requires_grad=True)
+    assert _pick("auto", q) == "blocked" and _pick("reference", q) == "reference"
+    with torch.no_grad():
+        assert _pick("auto", q) == "flex"
+    assert _pick("auto", q.detach()) == "flex"

@@ -178,6 +178,8 @@ def test_gate_values_match_the_formulas(scoring, gate_norm, top_k):
     torch.testing.assert_close(out.logits.double(), want_logits, atol=bound, rtol=0)
     top = torch.argsort(out.logits.double(), dim=-1, descending=True)[:, :top_k]  # the k largest logits
     assert torch.equal(out.indices.sort(-1).values, top.sort(-1).values)
+    want_mask = torch.tensor([[e in set(row) for e in range(E)] for row in top.tolist()])
+    assert torch.equal(out.mask, want_mask)  # the selected experts, not only k of them
     probs, gates = _expected_gates(out.logits, out.indices, scoring, gate_norm, top_k)
     torch.testing.assert_close(out.probs.double(), probs, atol=_fp32_bound(E, 1), rtol=0)
     torch.testing.assert_close(out.weights.double(), gates, atol=_fp32_bound(E, top_k), rtol=0)
