@@ -79,12 +79,19 @@ class ConvKVCache(KVCache):
 def causal_depthwise_conv(x_BTC: torch.Tensor, w_CK: torch.Tensor, past_BPC: torch.Tensor | None = None) -> torch.Tensor:
     """y_t[c] = sum_k w[c, k] x_{t-K+1+k}[c], reading the K-1 inputs before x from ``past``
     (B, K-1, C) or zeros. (B, T, C) -> (B, T, C)."""
-    K = w_CK.shape[1]
+    K, T = w_CK.shape[1], x_BTC.shape[1]
     if past_BPC is None:
-        x_BCS = F.pad(x_BTC.transpose(1, 2), (K - 1, 0))  # (B, C, K-1+T)
+        x_BSC = F.pad(x_BTC, (0, 0, K - 1, 0))  # (B, K-1+T, C)
     else:
-        x_BCS = torch.cat([past_BPC, x_BTC], dim=1).transpose(1, 2)  # (B, C, K-1+T)
-    return F.conv1d(x_BCS, w_CK.unsqueeze(1).to(x_BTC.dtype), groups=w_CK.shape[0]).transpose(1, 2)
+        x_BSC = torch.cat([past_BPC, x_BTC], dim=1)  # (B, K-1+T, C)
+    # K shifted multiply-adds in (B, T, C) layout: the result stays channel-contiguous, so the heads
+    # split from it keep stride 1 in D and SDPA can take its fused (flash) path; conv1d's (B, C, T)
+    # output would force the math path, which stores every T x T attention matrix for backward
+    w = w_CK.to(x_BTC.dtype)
+    y_BTC = x_BSC[:, :T] * w[:, 0]
+    for k in range(1, K):
+        y_BTC = y_BTC + x_BSC[:, k : k + T] * w[:, k]
+    return y_BTC
 
 
 def sinusoid(distances: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
