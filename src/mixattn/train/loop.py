@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,8 +20,11 @@ import torch.nn.functional as F
 from ..layers.losses import BalanceBuffer, max_vio, routing_fluctuation
 from ..models import checkpoint
 from ..models.decoder import MixtureLM, count_parameters
-from ..paths import write_json, write_text
+from ..paths import write_json
 from .data import TokenData
+from .safety import NonFiniteLoss, Terminated, check_data, keep_metrics_until, raise_for, stop_at_step_end
+
+__all__ = ["NonFiniteLoss", "Terminated", "TrainConfig", "check_data", "evaluate", "lr_at", "train"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,65 +102,87 @@ def evaluate(model: MixtureLM, data: TokenData, cfg: TrainConfig) -> dict:
     return {"val_loss": sum(losses) / len(losses), "max_vio": vio, "top1": top1}
 
 
-class Terminated(Exception):
-    """SIGTERM arrived during training (``timeout``, ``docker stop``, Slurm): handled like Ctrl-C."""
+@dataclass
+class _Run:
+    """The mutable state of one training run: what a checkpoint saves and a resume restores."""
+
+    model: MixtureLM
+    opt: torch.optim.Optimizer
+    cfg: TrainConfig
+    ckpt_dir: Path
+    tokenizer: object = None
+    step: int = 0
+    prev_top1: dict | None = None
+    tok_time: list = field(default_factory=lambda: [0, 0.0])  # tokens seen, seconds spent
+
+    def restore(self) -> None:
+        if not (self.ckpt_dir / "train_state.pt").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_dir}")
+        state = checkpoint.load_train_state(self.ckpt_dir)
+        checkpoint.load_weights(self.model, self.ckpt_dir)
+        checkpoint.check_finite(self.model, str(self.ckpt_dir))
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.prev_top1, self.tok_time = state["step"], state["prev_top1"], state["tok_time"]
+        torch.set_rng_state(state["rng"])
+
+    def save(self) -> None:
+        state = {"optimizer": self.opt.state_dict(), "step": self.step, "prev_top1": self.prev_top1,
+                 "tok_time": self.tok_time, "rng": torch.get_rng_state(), "train": asdict(self.cfg)}  # fmt: skip
+        checkpoint.save(self.model, self.ckpt_dir, train_state=state, extra={"step": self.step}, tokenizer=self.tokenizer)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tok_time[0] / max(self.tok_time[1], 1e-9)
 
 
-class NonFiniteLoss(ValueError):
-    """The loss or the gradient norm became NaN or infinite."""
+def _step(run: _Run, data: TokenData, buffer, biased: set, log) -> tuple[float, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (cross-entropy, aux loss)."""
+    cfg, model, opt = run.cfg, run.model, run.opt
+    t0 = time.perf_counter()
+    for g in opt.param_groups:
+        g["lr"] = lr_at(run.step, cfg)
+    counts: dict[str, torch.Tensor] = {}
+    total = aux_total = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = data.batch("train", run.step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
+        out = model(x, balance_buffer=buffer)
+        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+        ((ce + out.aux_loss) / cfg.grad_accum).backward()
+        total += float(ce.detach()) / cfg.grad_accum
+        aux_total += float(out.aux_loss.detach()) / cfg.grad_accum
+        for name, r in out.routers:
+            counts[name] = counts.get(name, 0) + r.counts()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    finite = math.isfinite(total) and math.isfinite(aux_total) and math.isfinite(norm)
+    if finite:
+        opt.step()
+    elif cfg.on_nonfinite == "stop":
+        raise NonFiniteLoss(f"step {run.step + 1}: loss {total} / gradient norm {norm} is not finite "
+                            f"(lr {lr_at(run.step, cfg):.3g}); the last checkpoint in {run.ckpt_dir} is kept. "
+                            "Lower --lr, or pass --on-nonfinite skip")  # fmt: skip
+    else:
+        log({"step": run.step + 1, "skipped": "non-finite loss or gradient", "loss": str(total)})
+    opt.zero_grad(set_to_none=True)
+    if buffer is not None:
+        buffer.reset()
+    for name in counts if finite else ():  # DeepSeek-V3 aux-loss-free bias, once per optimizer step
+        if f"{name}.router" in biased:
+            model.router(name).update_bias(counts[name])
+    run.step += 1
+    run.tok_time[0] += cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    run.tok_time[1] += time.perf_counter() - t0
+    return total, aux_total
 
 
-class _Stop:
-    """The first SIGINT/SIGTERM received while training (None until one arrives)."""
-
-    signum: int | None = None
-
-
-def _raise_for(signum: int):
-    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(f"signal {signum}")
-
-
-@contextmanager
-def _stop_at_step_end():
-    """While training, the first SIGINT or SIGTERM is noted and training stops at the end of the
-    current step, after a checkpoint, so a resumed run repeats no half-applied step and is exact. A
-    second signal stops at once (the last checkpoint is kept). Handlers are restored afterwards, and
-    only the main thread can set them."""
-    stop = _Stop()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame):
-        if stop.signum is not None:
-            _raise_for(signum)
-        stop.signum = signum
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metric rows after ``step`` (written after the checkpoint a resume starts from), so a
-    resumed run's log has no duplicate rows."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        keep = [line for line in rows if json.loads(line).get("step", 0) <= step]
-        if len(keep) != len(rows):
-            write_text(path, "".join(line + "\n" for line in keep))
-
-
-def check_data(data: TokenData, cfg: TrainConfig) -> None:
-    """Both splits must hold at least one sequence: found before training, not at the first evaluation."""
-    for split in ("train", "val"):
-        n = len(getattr(data, split))
-        if n < cfg.seq_len + 2:
-            raise ValueError(f"corpus {data.name}: the {split} split has {n} tokens, too few for seq_len={cfg.seq_len} "
-                             f"(needs {cfg.seq_len + 2}); use more text or a smaller --seq-len")
+def _validate(run: _Run, data: TokenData) -> dict:
+    """Validation loss, mean MaxVio and routing fluctuation since the previous validation."""
+    ev = evaluate(run.model, data, run.cfg)
+    fluct = None
+    if run.prev_top1 is not None and ev["top1"]:
+        fluct = sum(routing_fluctuation(run.prev_top1[n], ev["top1"][n]) for n in ev["top1"]) / len(ev["top1"])
+    run.prev_top1 = ev["top1"]
+    vio = sum(ev["max_vio"].values()) / len(ev["max_vio"]) if ev["max_vio"] else None
+    return {"step": run.step, "val_loss": ev["val_loss"], "max_vio": vio, "fluctuation": fluct}
 
 
 def train(
@@ -190,99 +212,43 @@ def train(
     check_data(data, cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoint"
     torch.manual_seed(cfg.seed)
-    opt = _optimizer(model, cfg)
-    step, prev_top1, tok_time = 0, None, [0, 0.0]
+    run = _Run(model, _optimizer(model, cfg), cfg, out_dir / "checkpoint", tokenizer)
     if resume:
-        if not (ckpt_dir / "train_state.pt").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
-        state = checkpoint.load_train_state(ckpt_dir)
-        checkpoint.load_weights(model, ckpt_dir)
-        checkpoint.check_finite(model, str(ckpt_dir))
-        opt.load_state_dict(state["optimizer"])
-        step, prev_top1, tok_time = state["step"], state["prev_top1"], state["tok_time"]
-        torch.set_rng_state(state["rng"])
-        _keep_metrics_until(out_dir / "metrics.jsonl", step)
-
+        run.restore()
+        keep_metrics_until(out_dir / "metrics.jsonl", run.step)
     buffer = BalanceBuffer() if model.cfg.balance == "global" else None
     biased = {n for n, m in model.named_modules() if getattr(m, "selection_bias", None) is not None}
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     summary: dict = {}
 
-    def save_checkpoint():
-        state = {"optimizer": opt.state_dict(), "step": step, "prev_top1": prev_top1,
-                 "tok_time": tok_time, "rng": torch.get_rng_state(), "train": asdict(cfg)}  # fmt: skip
-        checkpoint.save(model, ckpt_dir, train_state=state, extra={"step": step}, tokenizer=tokenizer)
-
-    def write_row(row: dict):  # flushed at once: a killed run's log ends at its last finished step
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-
     model.train()
-    with _stop_at_step_end() as stop, (out_dir / "metrics.jsonl").open("a") as log:
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
-        try:
-            while step < end:
-                t0 = time.perf_counter()
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, cfg)
-                counts: dict[str, torch.Tensor] = {}
-                total = aux_total = 0.0
-                for micro in range(cfg.grad_accum):
-                    x, y = data.batch("train", step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
-                    out = model(x, balance_buffer=buffer)
-                    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
-                    ((ce + out.aux_loss) / cfg.grad_accum).backward()
-                    total += float(ce.detach()) / cfg.grad_accum
-                    aux_total += float(out.aux_loss.detach()) / cfg.grad_accum
-                    for name, r in out.routers:
-                        counts[name] = counts.get(name, 0) + r.counts()
-                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                finite = math.isfinite(total) and math.isfinite(aux_total) and math.isfinite(norm)
-                if finite:
-                    opt.step()
-                elif cfg.on_nonfinite == "stop":
-                    raise NonFiniteLoss(f"step {step + 1}: loss {total} / gradient norm {norm} is not finite "
-                                        f"(lr {lr_at(step, cfg):.3g}); the last checkpoint in {ckpt_dir} is kept. "
-                                        "Lower --lr, or pass --on-nonfinite skip")  # fmt: skip
-                else:
-                    write_row({"step": step + 1, "skipped": "non-finite loss or gradient", "loss": str(total)})
-                opt.zero_grad(set_to_none=True)
-                if buffer is not None:
-                    buffer.reset()
-                for name in counts if finite else ():  # DeepSeek-V3 aux-loss-free bias, once per optimizer step
-                    router_name = f"{name}.router"
-                    if router_name in biased:
-                        model.router(name).update_bias(counts[name])
-                step += 1
-                tok_time[0] += cfg.batch_size * cfg.seq_len * cfg.grad_accum
-                tok_time[1] += time.perf_counter() - t0
-                tps = tok_time[0] / max(tok_time[1], 1e-9)
+    with stop_at_step_end() as stop, (out_dir / "metrics.jsonl").open("a") as f:
+
+        def log(row: dict):  # flushed at once: a killed run's log ends at its last finished step
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+        with tqdm(total=cfg.steps, initial=run.step, desc="train", unit="step", disable=not progress) as bar:
+            while run.step < end:
+                loss, aux = _step(run, data, buffer, biased, log)
                 bar.update(1)
-                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:.0f}")
-                if step % cfg.log_every == 0:
-                    write_row({"step": step, "loss": total, "aux": aux_total, "lr": lr_at(step - 1, cfg), "tok_s": tps})
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    ev = evaluate(model, data, cfg)
-                    fluct = None
-                    if prev_top1 is not None and ev["top1"]:
-                        fluct = sum(routing_fluctuation(prev_top1[n], ev["top1"][n]) for n in ev["top1"]) / len(ev["top1"])
-                    prev_top1 = ev["top1"]
-                    vio = sum(ev["max_vio"].values()) / len(ev["max_vio"]) if ev["max_vio"] else None
-                    summary = {"step": step, "val_loss": ev["val_loss"], "max_vio": vio, "fluctuation": fluct}
-                    write_row(summary)
-                    bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}")
-                    save_checkpoint()
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{run.tokens_per_s:.0f}")
+                if run.step % cfg.log_every == 0:
+                    log({"step": run.step, "loss": loss, "aux": aux, "lr": lr_at(run.step - 1, cfg),
+                         "tok_s": run.tokens_per_s})  # fmt: skip
+                if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+                    summary = _validate(run, data)
+                    log(summary)
+                    bar.write(f"step {run.step}: val_loss {summary['val_loss']:.4f}")
+                    run.save()
                 if stop.signum is not None:
-                    save_checkpoint()
-                    bar.write(f"stopped by signal {stop.signum}: checkpoint saved at step {step}; continue with --resume")
-                    _raise_for(stop.signum)
-        finally:
-            bar.close()
-    if stop_at is not None and step < cfg.steps:
-        save_checkpoint()
+                    run.save()
+                    bar.write(f"stopped by signal {stop.signum}: checkpoint saved at step {run.step}; continue with --resume")
+                    raise_for(stop.signum)
+    if stop_at is not None and run.step < cfg.steps:
+        run.save()
     total_params, active_params = count_parameters(model)
-    summary.update(tok_s=tok_time[0] / max(tok_time[1], 1e-9), params=total_params, active_params=active_params)
+    summary.update(tok_s=run.tokens_per_s, params=total_params, active_params=active_params)
     write_json(out_dir / "summary.json", summary)
     return summary
