@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..layers.attention import Attention
-from ..paths import atomic_write
+from ..paths import atomic_write, load_torch
 
 BLOCK = 64
 SINK, LOCAL = 64, 256  # the window of the mass-outside score
@@ -46,10 +46,11 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
+        state = load_torch(path, "profile")
         try:
-            return cls(**torch.load(path, weights_only=False))
-        except (OSError, RuntimeError, TypeError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable profile ({e})") from None
+            return cls(**state)
+        except TypeError as e:
+            raise ValueError(f"{path}: not a mixattn profile ({e})") from None
 
 
 def influence(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
