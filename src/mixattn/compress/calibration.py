@@ -61,7 +61,7 @@ def build(model, tok, corpora, lengths, samples_per_length: int = 16, seed: int 
     if samples_per_length < 1:
         raise ValueError(f"samples_per_length must be >= 1, got {samples_per_length}")
     hay = load_corpus(corpora, tokenizer=tok)
-    haystack = hay.val if len(hay.val) > 4 * max(lengths) else hay.train
+    haystack = hay.train  # evaluation draws its haystacks from the validation split: keep them apart
     out = []
     jobs = [(N, i) for N in lengths for i in range(samples_per_length)]
     for N, i in tqdm(jobs, desc="calibration (answers: own if right, else gold)", disable=not progress):

@@ -21,7 +21,7 @@ from . import profile as profiling
 from .plan import DENSE, HeadRule, Plan
 
 CORPORA = ("shakespeare", "stdlib")
-CACHE_VERSION = "calib-v2"  # bump when calibration or profiling changes meaning
+CACHE_VERSION = "calib-v3"  # bump when calibration or profiling changes meaning
 
 
 def model_file(source) -> Path:
