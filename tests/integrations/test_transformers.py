@@ -191,6 +191,27 @@ def test_the_docs_example_runs(tmp_path):
     assert 40 < scope["out"].shape[1] <= 40 + 64 and scope["cache"].nbytes() > 0
 
 
+@pytest.mark.slow
+def test_compress_on_a_transformers_dir_writes_a_plan_this_module_applies(tmp_path):
+    """``mixattn compress`` reads an HF directory (mixattn.load + its tokenizer); the plan it writes
+    runs on the transformers model and agrees with MixtureLM."""
+    from mixattn.compress.pipeline import compress
+
+    torch.manual_seed(0)
+    conf = transformers.LlamaConfig(**{**SMALL, "vocab_size": 49152, "max_position_embeddings": 1024})
+    transformers.LlamaForCausalLM(conf).save_pretrained(tmp_path / "m")
+    mixattn.load_tokenizer("smollm2-135m").save(tmp_path / "m")
+    plan = compress(str(tmp_path / "m"), density=0.5, lengths=(160,), samples=1, out=tmp_path / "plan.json",
+                    progress=False, work_dir=tmp_path / "work")  # fmt: skip
+    assert abs(plan.density() - 0.5) < 0.05
+    model = hf.apply_plan(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval(),
+                          Plan.load(tmp_path / "plan.json"), impl="reference")  # fmt: skip
+    ours = mixattn.apply_plan(mixattn.load(tmp_path / "m"), plan, impl="reference")
+    ids = torch.randint(1, 49152, (1, 160), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _close(model(ids).logits, ours(ids).logits)
+
+
 # ---------------------------------------------------------------- errors
 
 
