@@ -221,3 +221,39 @@ def test_flex_under_avx2_with_a_fresh_inductor_cache(tmp_path):
     res = subprocess.run([sys.executable, "-c", AVX2_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "capability AVX2 bad []" in res.stdout, res.stdout
+
+
+# ------------------------------------------------------------------ head_sparse_attention (MoH)
+
+
+@pytest.mark.parametrize("impl", ["reference", "gather"])
+@FAST
+@given(case=sparse_cases(max_T=150), offset=st.integers(0, 30), chunk=st.sampled_from([1, 3, 128]), data=st.data())
+def test_head_sparse_matches_brute_force(impl, case, offset, chunk, data):
+    """Causal attention for the selected (token, head) pairs only: the brute force with no sparse
+    rule (sink 0, span = every key) times the selection, outputs and gradients in float64, with a
+    query offset, left padding and query chunks of 1, 3 and 128. ``gather`` returns zeros for padded
+    queries; the reference's are meaningless there, so it is compared on real rows."""
+    q, k, v, _, _, pad = case
+    B, H, Tk, D = q.shape
+    offset = min(offset, Tk - 1)
+    q = q[:, :, offset:].clone().requires_grad_()
+    k, v = k.clone().requires_grad_(), v.clone().requires_grad_()
+    T = Tk - offset
+    active = torch.tensor(data.draw(st.lists(st.booleans(), min_size=B * T * H, max_size=B * T * H))).view(B, T, H)
+    kw = {"chunk": chunk} if impl == "gather" else {}
+    out = kernels.get("head_sparse_attention", impl)(q, k, v, active, q_offset=offset, left_pad=pad, **kw)
+    Hkv = k.shape[1]
+    dense = brute_force(q, k, v, torch.zeros(Hkv, dtype=torch.long), torch.full((Hkv,), Tk), pad, offset)
+    want = dense.transpose(1, 2) * active[..., None]  # (B, T, H, D)
+    real = torch.ones(B, T, 1, 1, dtype=torch.bool)
+    if pad is not None:
+        real = (torch.arange(offset, Tk)[None, :] >= pad[:, None])[..., None, None]
+    out, want = out * real, want * real
+    assert_close_bound(out, want, rounding_bound(torch.float64, q, k, v))
+    if not out.requires_grad:  # no real (token, head) pair selected: no graph, and no gradient either
+        assert all(not g.any() for g in _grads(want, (q, k, v)))
+        return
+    tol = _grad_bound(torch.float64, q, k, v, want)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(want, (q, k, v))):
+        assert_close_bound(a, b, tol)
