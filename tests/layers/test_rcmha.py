@@ -248,3 +248,22 @@ def test_generate_with_cache_equals_without():
     a = model.generate(ids, max_new_tokens=6)
     b = model.generate(ids, max_new_tokens=6, use_cache=False)
     torch.testing.assert_close(a, b)
+
+
+def test_presets_round_trip_through_config_json_and_checkpoints(tmp_path):
+    import mixattn
+    from mixattn.models.config import MixtureConfig, apply_overrides
+
+    for name in ("tiny-rcmha", "tiny-mdha", "tiny-rmha", "small-rcmha", "small-mdha", "small-rmha"):
+        cfg = from_name(name)
+        assert MixtureConfig.from_dict(cfg.to_dict()) == cfg
+    cfg = apply_overrides(from_name("tiny-rcmha"), ["rcmha.conv_kernel=5", "rcmha.position=rope"])
+    assert cfg.rcmha == RCMHAConfig(conv_kernel=5, position="rope")
+    with pytest.raises(ValueError, match="position"):
+        apply_overrides(cfg, ["rcmha.position=alibi"])
+    model = MixtureLM(from_name("tiny-rcmha")).eval()
+    _randomize(model)
+    mixattn.save(model, tmp_path / "ckpt")
+    again = mixattn.load(tmp_path / "ckpt").eval()
+    ids = torch.randint(0, 256, (1, 9))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits)
