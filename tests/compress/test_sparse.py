@@ -286,3 +286,26 @@ def test_sparse_spec_spans_density_and_kernel_choice():
     with torch.no_grad():
         assert _pick("auto", q) == "flex"
     assert _pick("auto", q.detach()) == "flex"
+
+
+def test_plan_density_is_the_mean_kept_fraction_counted_key_by_key():
+    """Density from a loop over keys: at length N a head keeps the keys the last query sees,
+    {j < N : j < sink or N - 1 - j < span(N)}, with span(N) = min(N, max(1, floor(alpha + beta N)));
+    the plan's density is the mean of kept / N over layers, KV heads and lengths."""
+    rules = [
+        (HeadRule(0, 0.0, 0.0), HeadRule(4, 10.0, 0.25), HeadRule(60, 0.0, 0.0)),  # sink beyond short N
+        (HeadRule(5, 30.0, 0.9), HeadRule(0, 0.0, 1.0), HeadRule(2, 3.0, 0.1)),  # sink + span > N
+    ]
+    plan = Plan(tuple(rules))
+    lengths = [16, 50, 333]
+
+    def kept(rule, N):
+        span = min(N, max(1, math.floor(rule.alpha + rule.beta * N)))
+        return sum(1 for j in range(N) if j < rule.sink or N - 1 - j < span)
+
+    want = sum(kept(r, N) / N for N in lengths for layer in rules for r in layer) / (2 * 3 * len(lengths))
+    n = 2 * 3 * len(lengths)  # a float64 mean of n fractions <= 1: rounding <= (n + 1) eps
+    assert abs(plan.density(lengths) - want) <= (n + 1) * torch.finfo(torch.float64).eps
+    for N in lengths:
+        assert [r.kept(N) for layer in rules for r in layer] == [kept(r, N) for layer in rules for r in layer]
+    assert kept(rules[1][0], 50) == 50 and kept(rules[0][2], 16) == 16  # the clamps are exercised
