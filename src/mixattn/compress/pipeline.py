@@ -92,14 +92,16 @@ def check_args(density, lengths, samples, max_rules_per_layer, validate_length, 
 def candidates(prof, density: float, budget_lengths, max_rules_per_layer, name: str) -> dict[str, Plan]:
     """Plans the validation chooses among, all within ``density`` at every budget length:
     the free MILP, the MILP with at most 2 rules per layer, and "top heads full, the rest sink 64 +
-    window 448" (the MILP over those two rules: a profile-ranked DuoAttention-style plan)."""
+    a short window" (the MILP over those two rules: a profile-ranked DuoAttention-style plan; the
+    window is 448 tokens, shrunk by ``duo_window`` where the budget at the shortest length needs it)."""
     out = {}
     kw = {"model_name": name, "budget_lengths": budget_lengths}
     out["milp"] = optimize.optimize(prof, density, max_rules_per_layer=max_rules_per_layer, **kw)
     if max_rules_per_layer is None or max_rules_per_layer > 2:
         out["milp-2-rules"] = optimize.optimize(prof, density, max_rules_per_layer=2, **kw)
     try:
-        out["full+window"] = optimize.optimize(prof, density, rules=[DENSE, HeadRule(64, 448.0, 0.0)], **kw)
+        window = duo_window(density, min(budget_lengths), 64, 448)
+        out["full+window"] = optimize.optimize(prof, density, rules=[DENSE, HeadRule(64, float(window), 0.0)], **kw)
     except ValueError:  # the window alone is above the budget at a short length
         pass
     for label, plan in out.items():
