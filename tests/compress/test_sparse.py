@@ -191,6 +191,10 @@ def test_apply_plan_refuses_bam_and_other_models():
         apply_plan(MixtureLM(PRESETS["tiny-bam"]), Plan.dense(2, 2))
     with pytest.raises(ValueError, match=r"3 layers x 2 KV heads; the model has 2 x 2"):
         apply_plan(MixtureLM(PRESETS["tiny"]), Plan.dense(3, 2))
+    rcmha = MixtureLM(PRESETS["tiny-rcmha"])
+    with pytest.raises(ValueError, match="do not apply to RCMHA"):
+        apply_plan(rcmha, Plan.dense(2, 2))
+    assert all(getattr(layer.attn, "sparse", None) is None for layer in rcmha.layers)  # refused before any change
 
 
 # ------------------------------------------------------------------ plan file

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..layers.attention import Attention
 from ..layers.moa import MoAAttention
+from ..layers.rcmha import RCMHAttention
 from ..layers.sparse import SparseSpec
 from ..models.decoder import MixtureLM
 from .plan import Plan
@@ -18,6 +19,9 @@ def apply_plan(model: MixtureLM, plan: Plan, impl: str = "auto") -> MixtureLM:
         kernels.get("sparse_attention", impl)
     plan.validate(model.cfg)
     for i, layer in enumerate(model.layers):  # check every layer before changing any
+        if isinstance(layer.attn, RCMHAttention):
+            raise ValueError(f"layer {i}: sparse attention plans do not apply to RCMHA (its scores carry "
+                             "relative positions the sparse kernels do not add)")  # fmt: skip
         if not isinstance(layer.attn, (Attention, MoAAttention)):
             raise ValueError(f"layer {i}: {type(layer.attn).__name__} keeps one KV cache per expert; "
                              "sparse plans apply to dense, GQA, MoA and MoH attention")  # fmt: skip
