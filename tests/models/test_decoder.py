@@ -169,3 +169,16 @@ def test_left_pad_errors():
         model(ids, left_pad=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="no empty prompt"):
         mixattn.pad_left([[1, 2], []])
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moh", "tiny-moe", "tiny-moa"])
+def test_float64_model_agrees_with_float32(name):
+    """Routers compute in at least fp32: a float64 model stays float64 end to end (no fp32 cast in
+    between) and agrees with the fp32 model up to fp32 rounding."""
+    model = MixtureLM(PRESETS[name]).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = model.double()(ids).logits
+    assert got.dtype == torch.float64
+    assert_fp_close(got.float(), want, terms=256, chain=2 * model.cfg.num_layers)

@@ -98,10 +98,11 @@ class MoHAttention(Attention):
         if self.shared_router is None:
             gates_NH = torch.cat([routed_NH.new_ones(N, Hs), routed_NH], dim=1)
             return gates_NH, active_NH, r
-        xf = x_BTd.reshape(N, d).float()
+        x_Nd = x_BTd.reshape(N, d)
         scale = self.moh.gate_scale == "mha"
-        shared_NH = torch.softmax(self.shared_router(xf), -1) * (Hs if scale else 1)
-        alpha_N2 = torch.softmax(self.mix_router(xf), -1) * (2 if scale else 1)
+        # gate math in at least fp32 (as the routers), in float64 for float64 models
+        shared_NH = torch.softmax(self.shared_router(x_Nd).to(r.probs.dtype), -1) * (Hs if scale else 1)
+        alpha_N2 = torch.softmax(self.mix_router(x_Nd).to(r.probs.dtype), -1) * (2 if scale else 1)
         gates_NH = torch.cat([alpha_N2[:, :1] * shared_NH, alpha_N2[:, 1:] * routed_NH], dim=1)
         return gates_NH, active_NH, r
 

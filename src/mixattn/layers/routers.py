@@ -134,8 +134,9 @@ class Router(nn.Module):
         if logits_NE is None:
             if self.proj is None:
                 raise ValueError("query_norm routing needs precomputed logits (per-head query norms)")
-            logits_NE = self.proj(x_BTd.reshape(B * T, -1)).float()  # router math in fp32 (JetMoE)
-        logits_NE = logits_NE.float()
+            logits_NE = self.proj(x_BTd.reshape(B * T, -1))
+        # router math in fp32 (JetMoE), or float64 when the model is float64
+        logits_NE = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32))
         if self.training and cfg.noise_std > 0:
             logits_NE = logits_NE + torch.randn_like(logits_NE) * cfg.noise_std
         probs_NE = torch.sigmoid(logits_NE) if cfg.scoring == "sigmoid" else torch.softmax(logits_NE, dim=-1)
