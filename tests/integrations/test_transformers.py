@@ -131,6 +131,40 @@ def test_left_padded_batch_generates_like_each_prompt_alone(tmp_path):
     assert torch.equal(out[1, -n:], alone[0, -n:])
 
 
+def test_left_padded_forward_without_a_cache_equals_mixturelm(tmp_path):
+    """N is the batch's (padded) length, as in MixtureLM; sinks start at each row's first real token."""
+    model = _hf_model("qwen2")
+    model.save_pretrained(tmp_path)
+    ours = mixattn.apply_plan(mixattn.load(tmp_path), PLAN)
+    hf.apply_plan(model, PLAN)
+    long, short = _ids(1, 40, seed=4)[0].tolist(), _ids(1, 31, seed=5)[0].tolist()
+    ids, pad = mixattn.pad_left([long, short])
+    mask = (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+        want = ours(ids, left_pad=pad).logits
+    _close(got[0], want[0])
+    _close(got[1, int(pad[1]) :], want[1, int(pad[1]) :])  # logits at padded positions are meaningless
+
+
+def test_a_module_scaling_other_than_one_over_sqrt_d_is_honoured():
+    model = _hf_model("llama")
+    for layer in model.model.layers:
+        layer.self_attn.scaling = 0.2  # e.g. query_pre_attn_scalar-style models; the reference reads it too
+    ids = _ids()
+    ref = _reference_logits(model, PLAN, ids)
+    with torch.no_grad():
+        _close(hf.apply_plan(model, PLAN)(ids).logits, ref)
+
+
+def test_right_padding_is_refused():
+    model = hf.apply_plan(_hf_model("llama"), PLAN)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, -3:] = 0
+    with pytest.raises(ValueError, match="left padding only"), torch.no_grad():
+        model(_ids(), attention_mask=mask)
+
+
 def test_decoding_with_transformers_dense_cache_equals_a_full_forward():
     """Without a SparseCache, N is the number of keys: each cached step equals a full forward."""
     model = hf.apply_plan(_hf_model("qwen2"), PLAN)
