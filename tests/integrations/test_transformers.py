@@ -246,6 +246,27 @@ def test_compress_on_a_transformers_dir_writes_a_plan_this_module_applies(tmp_pa
         _close(model(ids).logits, ours(ids).logits)
 
 
+@pytest.mark.parametrize("failure", ["raises", "wrong"])
+def test_where_compiled_flex_fails_the_reference_kernel_is_used(failure, monkeypatch):
+    def broken(q, *args, **kwargs):
+        if failure == "raises":
+            raise RuntimeError("no C compiler")
+        return torch.zeros_like(q)  # e.g. a miscompiled kernel
+
+    monkeypatch.setitem(mixattn.kernels._REGISTRY["sparse_attention"], "flex", broken)
+    monkeypatch.setattr(hf, "_FLEX_WORKS", {})
+    model = _hf_model("llama")
+    ids = _ids(T=130)  # >= one flex block: "auto" picks flex at inference
+    ref = _reference_logits(model, PLAN, ids)
+    why = "no C compiler" if failure == "raises" else "differs from the reference"
+    with pytest.warns(UserWarning, match=f"FlexAttention is unavailable .*{why}"), torch.no_grad():
+        got = hf.apply_plan(model, PLAN)(ids).logits
+    _close(got, ref)
+    if failure == "raises":
+        with pytest.raises(RuntimeError, match="no C compiler"), torch.no_grad():  # an explicit impl is kept
+            hf.apply_plan(model, PLAN, impl="flex")(ids)
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -294,6 +315,7 @@ def test_flex_prefill_matches_the_reference():
     ref = _reference_logits(model, PLAN, ids)
     with torch.no_grad():
         _close(hf.apply_plan(model, PLAN, impl="flex")(ids).logits, ref)
+        assert hf.flex_works(ids.float()[..., None].expand(-1, -1, 8))  # compiled flex runs here (head dim 8)
 
 
 @pytest.mark.slow

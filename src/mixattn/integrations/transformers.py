@@ -4,9 +4,10 @@ reversibly, through transformers' own extension points: no forked modeling file,
 - ``apply_plan(model, plan)`` gives every attention module its layer's rules (a ``SparseSpec``) and
   switches the model to the attention function ``"mixattn"``, registered in transformers'
   ``AttentionInterface`` (and a key-padding mask function in ``AttentionMaskInterface``). The
-  function is mixattn's own ``layers.sparse.attend``: compiled FlexAttention where it works at
-  inference, exact masked SDPA (``reference``) for short sequences, ``blocked`` when gradients are
-  needed (``impl`` picks one). ``remove_plan(model)`` restores the previous attention.
+  function is mixattn's own ``layers.sparse.attend``: compiled FlexAttention at inference where a
+  one-time probe (``flex_works``) finds it runs and agrees with the reference, exact masked SDPA
+  (``reference``) otherwise and for short sequences, ``blocked`` when gradients are needed (``impl``
+  picks one). ``remove_plan(model)`` restores the previous attention.
 - ``SparseCache(model, max_new_tokens=n)`` is a ``transformers.Cache`` whose layers hold mixattn's
   ragged per-KV-head cache (sink + circular window): ``model.generate(ids, max_new_tokens=n,
   past_key_values=SparseCache(model, max_new_tokens=n))`` allocates about density x the dense KV bytes.
@@ -23,6 +24,8 @@ Legend: B batch, H query heads, Hkv KV heads, T new tokens, Tk keys, D head dim,
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -32,6 +35,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from .. import kernels
 from ..compress.plan import Plan
+from ..kernels.sparse import FLEX_MIN_LEN
 from ..layers.attention import AttnContext
 from ..layers.cache import RaggedKVCache
 from ..layers.sparse import SparseSpec, attend
@@ -152,8 +156,39 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     if sliding_window is not None and N > sliding_window:
         raise ValueError(f"layer {module.layer_idx}: the model's own sliding window ({sliding_window}) is shorter "
                          f"than the reference length {N}; set config.sliding_window = None to use a mixattn plan")  # fmt: skip
+    if spec.impl == "auto" and query.shape[2] >= FLEX_MIN_LEN and not (query.requires_grad and torch.is_grad_enabled()):
+        if not flex_works(query):  # "auto" would pick compiled flex for this prefill
+            spec = dataclasses.replace(spec, impl="reference")
     out = attend(query, key, value, ctx, spec)  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+_FLEX_WORKS: dict[tuple, bool] = {}  # (device type, dtype, head dim) -> whether compiled flex ran
+
+
+def flex_works(like: torch.Tensor) -> bool:
+    """Whether compiled FlexAttention runs and agrees with the reference here, probed once per
+    (device, dtype, head dim) on a one-block input (the dynamic-shape compile is then reused by real
+    inputs). Where it fails (no C compiler, an unsupported backend, a wrong result) the exact
+    masked-SDPA reference is used instead, with a warning."""
+    key = (like.device.type, like.dtype, like.shape[-1])
+    if key not in _FLEX_WORKS:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 1, FLEX_MIN_LEN, like.shape[-1], generator=g).to(like) for _ in range(3))
+        sink, span = (torch.tensor([n], device=like.device) for n in (4, 40))
+        try:
+            with torch.no_grad():
+                got = kernels.get("sparse_attention", "flex")(q, k, v, sink, span)
+                want = kernels.get("sparse_attention", "reference")(q, k, v, sink, span)
+            tol = 1e-4 if like.dtype == torch.float32 else 2e-2
+            if not torch.allclose(got.float(), want.float(), atol=tol, rtol=0):
+                raise ValueError(f"its result differs from the reference by {float((got - want).abs().max()):.2e}")
+            _FLEX_WORKS[key] = True
+        except Exception as e:  # noqa: BLE001 - any compile/backend failure means: use the reference
+            warnings.warn(f"mixattn: compiled FlexAttention is unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                          "using the masked-SDPA reference kernel (exact, O(T^2) memory)", stacklevel=2)  # fmt: skip
+            _FLEX_WORKS[key] = False
+    return _FLEX_WORKS[key]
 
 
 class SparsePlanLayer(CacheLayerMixin):
