@@ -225,7 +225,6 @@ def test_the_docs_example_runs(tmp_path):
     assert 40 < scope["out"].shape[1] <= 40 + 64 and scope["cache"].nbytes() > 0
 
 
-@pytest.mark.slow
 def test_compress_on_a_transformers_dir_writes_a_plan_this_module_applies(tmp_path):
     """``mixattn compress`` reads an HF directory (mixattn.load + its tokenizer); the plan it writes
     runs on the transformers model and agrees with MixtureLM."""
