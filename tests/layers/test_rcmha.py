@@ -13,7 +13,7 @@ from mixattn.compress.plan import Plan
 from mixattn.layers import Attention, AttentionConfig, ConvKVCache, KVCache, RCMHAConfig, RCMHAttention
 from mixattn.layers.attention import apply_rotary
 from mixattn.layers.rcmha import causal_depthwise_conv
-from mixattn.layers.sparse import attend
+from mixattn.layers.sparse import SparseSpec, attend
 from mixattn.models.config import from_name
 from mixattn.models.decoder import MixtureLM
 from tests.conftest import assert_fp_close, grads, make_ctx
@@ -199,7 +199,9 @@ def test_bad_config_and_misuse_raise_clear_errors():
     with pytest.raises(ValueError, match="ConvKVCache"):
         layer(torch.randn(1, 3, 24), make_ctx(3, D, cache=KVCache()))
     model = MixtureLM(from_name("tiny-rcmha"))
-    apply_plan(model, Plan.dense(2, 2))
+    with pytest.raises(ValueError, match="do not apply to RCMHA"):
+        apply_plan(model, Plan.dense(2, 2))  # refused up front
+    model.layers[0].attn.sparse = SparseSpec((0, 0), (0.0, 0.0), (1.0, 1.0), "auto")  # set by hand: the layer refuses too
     with pytest.raises(ValueError, match="RCMHA"):
         model(torch.zeros(1, 4, dtype=torch.long))
 
