@@ -60,9 +60,11 @@ def cells(results) -> dict:
 
 
 def paired(results, a: str, b: str, length=None, task=None) -> dict:
-    """Exact McNemar of methods ``a`` vs ``b`` on the prompts both were scored on (optionally one length/task)."""
+    """Exact McNemar of methods ``a`` vs ``b`` on the prompts both were scored on (optionally one
+    length, or a list of lengths, and one task)."""
     key = lambda r: (r["task"], r["length"], r["depth"], r["index"])  # noqa: E731
-    sel = [r for r in results["retrieval"] if (length is None or r["length"] == length) and (task is None or r["task"] == task)]
+    keep = None if length is None else set(length) if isinstance(length, (list, tuple, set)) else {length}
+    sel = [r for r in results["retrieval"] if (keep is None or r["length"] in keep) and (task is None or r["task"] == task)]
     ra = {key(r): r["hit"] for r in sel if r["method"] == a}
     rb = {key(r): r["hit"] for r in sel if r["method"] == b}
     common = sorted(set(ra) & set(rb))

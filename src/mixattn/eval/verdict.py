@@ -7,12 +7,26 @@ Targets (generation-scored retrieval, all tasks pooled, methods labelled "<kind>
 - density 0.25: >= 2 x uniform (accuracy averaged over lengths >= 2048);
 - perplexity at lengths >= 4096, density 0.5: within 5% of dense.
 
-Each line states the numbers, n and whether the target is met; "not met" is stated as plainly as "met".
+Each line states the numbers, n and whether the target is met; "not met" is stated as plainly as
+"met". A verdict from fewer than ``FULL_N`` prompts per (task, length) cell, or where dense itself
+retrieves almost nothing, is marked as inconclusive: it compares point estimates only.
 """
 
 from __future__ import annotations
 
 from .report import cells, paired
+
+FULL_N = 20  # prompts per (task, length) cell in the full grid
+
+
+def _caveat(results, lengths, dense) -> str:
+    sizes = [c["n"] for (m, t, N), c in cells(results).items() if t != "all" and N in lengths]
+    notes = []
+    if sizes and min(sizes) < FULL_N:
+        notes.append(f"n={min(sizes)} per task cell < {FULL_N}")
+    if dense is not None and dense < 0.3:
+        notes.append(f"dense itself only {dense:.2f}")
+    return f" (INCONCLUSIVE: {'; '.join(notes)})" if notes else ""
 
 
 def _mean_acc(c, method, lengths):
@@ -38,17 +52,18 @@ def verdicts(results, densities=(0.5, 0.25)) -> list[str]:
             below = [N for N in lengths if (u, "all", N) in c and (m, "all", N) in c
                      and c[(m, "all", N)]["acc"] < c[(u, "all", N)]["acc"]]  # fmt: skip
             ok = ratio >= 0.9 and not below
-            p = paired(results, m, "dense")["p"]
+            p = paired(results, m, "dense", long_)["p"]
             out.append(f"density 0.5: {m} {acc:.2f} vs dense {dense:.2f} over {span} (n={n} each; ratio {ratio:.2f}, "
                        f"target >= 0.90; paired p={p:.2g}); below uniform at "
-                       f"{', '.join(map(str, below)) if below else 'no length'} -> {'MET' if ok else 'NOT MET'}")  # fmt: skip
+                       f"{', '.join(map(str, below)) if below else 'no length'} -> {'MET' if ok else 'NOT MET'}"
+                       + _caveat(results, long_, dense))  # fmt: skip
         elif uni is not None:
-            ratio = acc / uni if uni else float("inf")
-            p = paired(results, m, u)["p"]
-            ok = ratio >= 2 if uni else acc > 0
-            out.append(f"density {d}: {m} {acc:.2f} vs {u} {uni:.2f} over {span} (n={n} each; ratio "
-                       f"{'inf' if not uni else f'{ratio:.2f}'}, target >= 2; paired p={p:.2g}); vs dense "
-                       f"{dense if dense is None else f'{dense:.2f}'} -> {'MET' if ok else 'NOT MET'}")  # fmt: skip
+            ratio = f"{acc / uni:.2f}" if uni else "undefined (uniform 0)"
+            p = paired(results, m, u, long_)["p"]
+            ok = acc >= 2 * uni if uni else acc > 0
+            out.append(f"density {d}: {m} {acc:.2f} vs {u} {uni:.2f} over {span} (n={n} each; ratio {ratio}, "
+                       f"target >= 2; paired p={p:.2g}); vs dense {dense if dense is None else f'{dense:.2f}'} -> "
+                       f"{'MET' if ok else 'NOT MET'}" + _caveat(results, long_, dense))  # fmt: skip
     ppl = results.get("ppl", {})
     if "dense" in ppl and "mixattn 0.5" in ppl:
         rows = []
