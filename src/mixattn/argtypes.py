@@ -99,3 +99,11 @@ def checked_text(parse):
 
     check.__name__ = parse.__name__
     return check
+
+
+def fractions(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers, each in (0, 1] (densities)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or any(not p for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1], got {text!r}")
+    return tuple(fraction(p) for p in parts)

@@ -13,6 +13,7 @@ from .argtypes import (
     UsageError,
     checked_text,
     fraction,
+    fractions,
     nonneg_float,
     nonneg_int,
     positive_float,
@@ -294,6 +295,8 @@ def _new_folder(out) -> None:
 def cmd_compress(a) -> int:
     from .compress.pipeline import compress
 
+    if Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a folder; a plan file path is expected")
     plan = compress(a.model, a.density, _ints(a.lengths), out=a.out, samples=a.samples,
                     max_rules_per_layer=a.max_rules_per_layer, resume=a.resume,
                     validate_length=a.validate_length, validate_samples=a.validate_samples)  # fmt: skip
@@ -345,9 +348,11 @@ def cmd_eval(a) -> int:
                                                                model=model, tok=tok)  # fmt: skip
         else:  # elastic (uniform) or fitted at each length (duo): this density at every eval length
             plans[f"{kind} {d}"] = {N: baseline(a.model, kind, float(d), N + 16, model=model, tok=tok) for N in lengths}
-    res = evaluate(model, tok, plans, task_names, lengths, depths, samples, ppl_windows=ppl_windows,
-                   speed_context=max(lengths))  # fmt: skip
-    print(write(res, Path(a.out)))
+    with locked(a.out):  # one writer per results folder
+        res = evaluate(model, tok, plans, task_names, lengths, depths, samples, ppl_windows=ppl_windows,
+                       speed_context=max(lengths))  # fmt: skip
+        table = write(res, Path(a.out))
+    print(table)
     print(f"\nresults: {a.out}/results.md, results.json, *.png")
     return 0
 
@@ -430,6 +435,8 @@ def cmd_plan(a) -> int:
 def cmd_demo(a) -> int:
     from .demo import run
 
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a file; a folder is expected")
     densities = tuple(float(x) for x in a.densities.split(",")) if a.densities else None
     print(run(a.model, a.grid, out=a.out, densities=densities, eval_lengths=_ints(a.eval_lengths) if a.eval_lengths
               else None, samples=a.samples, per_depth=a.per_depth, tasks=tuple(a.tasks.split(",")) if a.tasks else None,
@@ -557,13 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", "the main job: compress smollm2-135m and compare plans (what `make demo` runs)", cmd_demo)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--grid", choices=["demo", "full"], default="demo", help="demo: small grid (make demo); full: big")
-    p.add_argument("--densities", help="KV densities (default 0.5,0.25)")
-    p.add_argument("--lengths", help="profile lengths of the search")
-    p.add_argument("--samples", type=int, help="calibration samples per profile length")
-    p.add_argument("--validate-length", type=int, help="plan selection length")
-    p.add_argument("--eval-lengths", help="eval lengths")
+    p.add_argument("--densities", type=checked_text(fractions), help="KV densities (default 0.5,0.25)")
+    p.add_argument("--lengths", type=checked_text(positive_ints), help="profile lengths of the search")
+    p.add_argument("--samples", type=positive_int, help="calibration samples per profile length")
+    p.add_argument("--validate-length", type=positive_int, help="plan selection length")
+    p.add_argument("--eval-lengths", type=checked_text(positive_ints), help="eval lengths")
     p.add_argument("--tasks", help="retrieval tasks")
-    p.add_argument("--per-depth", type=int, help="prompts per (task, length, depth)")
+    p.add_argument("--per-depth", type=positive_int, help="prompts per (task, length, depth)")
     p.add_argument("--out", default="runs/demo")
 
     p = add("compare", "train several variants with one token budget and print a comparison table", cmd_compare)

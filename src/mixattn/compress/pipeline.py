@@ -15,7 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..paths import cache_dir, content_digest, load_torch, save_torch
+from ..paths import cache_dir, content_digest, load_torch, locked, save_torch
 from . import calibration, optimize
 from . import profile as profiling
 from .plan import DENSE, HeadRule, Plan
@@ -121,16 +121,18 @@ def compress(source, density: float, lengths=(1024, 2048), out=None, samples: in
     validation.pt. The MILP runs every time (seconds).
     """
     lengths = tuple(lengths)
+    if out is not None and (Path(out).is_dir() or Path(out).with_suffix(".png").is_dir()):
+        raise ValueError(f"out {out} (or its heatmap {Path(out).with_suffix('.png')}) is a folder; a plan file path is expected")
     check_args(density, lengths, samples, max_rules_per_layer, validate_length,
                model.cfg.max_seq_len if model is not None else None)  # fmt: skip
     if model is None:
         check_args(density, lengths, samples, max_rules_per_layer, validate_length, peek_max_seq_len(source))
         model, tok = load_model(source)
     work = Path(work_dir) if work_dir else work_dir_for(source, lengths, samples, seed, corpora)
-    work.mkdir(parents=True, exist_ok=True)
-    samples_ = _cached(work / "calibration.pt", resume, lambda: calibration.build(
-        model, tok, list(corpora), lengths, samples, seed, progress=progress))  # fmt: skip
-    prof = profiling.run(model, samples_, lengths, work / "profile.pt", resume=resume, progress=progress)
+    with locked(work, wait=True):  # a second compress of the same model waits, then reuses the cache
+        samples_ = _cached(work / "calibration.pt", resume, lambda: calibration.build(
+            model, tok, list(corpora), lengths, samples, seed, progress=progress))  # fmt: skip
+        prof = profiling.run(model, samples_, lengths, work / "profile.pt", resume=resume, progress=progress)
     name = str(source)
     budget_lengths = tuple(sorted({*lengths, *((validate_length,) if validate_length else ())}))
     plans = candidates(prof, density, budget_lengths, max_rules_per_layer, name)
