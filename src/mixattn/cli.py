@@ -310,7 +310,7 @@ def cmd_compress(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .compress.pipeline import baseline, load_model, matched
+    from .compress.pipeline import baseline, load_model, mass_scores, matched
     from .compress.plan import Plan
     from .demo import GRIDS
     from .eval.report import write
@@ -342,12 +342,14 @@ def cmd_eval(a) -> int:
                 plan.validate(model.cfg)
             except ValueError as e:
                 raise ValueError(f"--plan {name}: {e}") from None
+    scores = mass_scores(model, tok) if any(kind == "duo" for kind, _ in specs) else None  # once, not per length
     for kind, d in specs:
         if d == "match":  # the first plan's density at every eval length
             plans[f"{kind} @{Path(a.plan[0]).stem}"] = matched(a.model, kind, plans[Path(a.plan[0]).stem], lengths,
-                                                               model=model, tok=tok)  # fmt: skip
+                                                               model=model, tok=tok, scores=scores)  # fmt: skip
         else:  # elastic (uniform) or fitted at each length (duo): this density at every eval length
-            plans[f"{kind} {d}"] = {N: baseline(a.model, kind, float(d), N + 16, model=model, tok=tok) for N in lengths}
+            plans[f"{kind} {d}"] = {N: baseline(a.model, kind, float(d), N + 16, model=model, tok=tok, scores=scores)
+                                    for N in lengths}  # fmt: skip
     with locked(a.out):  # one writer per results folder
         res = evaluate(model, tok, plans, task_names, lengths, depths, samples, ppl_windows=ppl_windows,
                        speed_context=max(lengths))  # fmt: skip

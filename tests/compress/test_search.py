@@ -126,15 +126,18 @@ def test_compress_cli_end_to_end_and_eval_outputs(tmp_path, monkeypatch, capsys)
     assert plan_path.with_suffix(".png").is_file()
     out = tmp_path / "eval"
     assert main(["eval", str(src), "--plan", str(plan_path), "--baseline", "uniform:0.5", "--baseline", "uniform:match",
+                 "--baseline", "duo:match",
                  "--tasks", "passkey,multikey,ppl,speed", "--lengths", "768,1024", "--depths", "0.5",
                  "--out", str(out)]) == 0  # fmt: skip
     assert {"results.json", "results.md", "accuracy_vs_length.png", "depth_length_heatmap.png",
             "memory_speed.png"} <= {p.name for p in out.iterdir()}  # fmt: skip
     res = json.loads((out / "results.json").read_text())
-    assert set(res["speed"]) == {"dense", "plan", "uniform 0.5", "uniform @plan"}
+    assert set(res["speed"]) == {"dense", "plan", "uniform 0.5", "uniform @plan", "duo @plan"}
     for N in ("768", "1024"):  # matched baseline: the plan's density at every eval length, within 0.01
         assert abs(res["density"]["uniform @plan"][N] - res["density"]["plan"][N]) <= 0.01
-    assert len(res["retrieval"]) == 4 * 2 * 2 and all("generated" in r for r in res["retrieval"])
+        # duo moves in whole heads: the tiny model has 4 KV heads, so half a head's share is 1/8
+        assert abs(res["density"]["duo @plan"][N] - res["density"]["plan"][N]) <= 1 / 8
+    assert len(res["retrieval"]) == 5 * 2 * 2 and all("generated" in r for r in res["retrieval"])
     assert "Wilson" in (out / "results.md").read_text()
     assert res["speed"]["uniform 0.5"]["kv_bytes"] < res["speed"]["dense"]["kv_bytes"]
     assert main(["plan", "show", str(plan_path)]) == 0
