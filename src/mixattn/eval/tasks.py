@@ -108,12 +108,17 @@ def _fit(render, target: int, first_guess: int, what: str) -> list[int]:
     raise ValueError(f"{what}: could not fit the prompt to {target} tokens (got {len(ids)}); is the length too short?")
 
 
+def _haystack_start(haystack, length: int, rng) -> int:
+    """A random offset with room for a ``length``-token prompt (and the fitting's slack) after it."""
+    if len(haystack) < 2 * length + 64:
+        raise ValueError(f"haystack has {len(haystack)} tokens; a {length}-token prompt needs at least {2 * length + 64}")
+    return rng.randrange(0, len(haystack) - 2 * length - 32)
+
+
 def _haystack_prompt(tok, haystack, length: int, needles, question: str, prefix: str, rng, what: str) -> str:
     """Real text of about ``length`` prompt tokens with ``needles`` [(depth, sentence)] inserted."""
     overhead = len(tok.encode(_wrap(tok, NEEDLE_INTRO, question, prefix))) + sum(len(tok.encode(s)) + 2 for _, s in needles)
-    if len(haystack) < 2 * length + 64:
-        raise ValueError(f"haystack has {len(haystack)} tokens; a {length}-token prompt needs at least {2 * length + 64}")
-    start = rng.randrange(0, len(haystack) - 2 * length - 32)
+    start = _haystack_start(haystack, length, rng)
     text = {}
 
     def render(n):
@@ -231,9 +236,7 @@ def lines(tok, haystack, length: int, depth: float, seed: int) -> Sample:
 def passage(tok, haystack, length: int, depth: float, seed: int, quote: int = 12, answer: int = 8) -> Sample:
     """Quote ``quote`` tokens of the context at ``depth`` and ask for the ``answer`` tokens after them."""
     rng = random.Random(seed)
-    if len(haystack) < 2 * length + 64:
-        raise ValueError(f"haystack has {len(haystack)} tokens; a {length}-token prompt needs at least {2 * length + 64}")
-    start = rng.randrange(0, len(haystack) - 2 * length - 32)
+    start = _haystack_start(haystack, length, rng)
     text = {}
 
     def render(n):
