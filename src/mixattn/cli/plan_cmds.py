@@ -1,0 +1,178 @@
+"""`compress`, `eval`, `plan` and `demo`: the long-context compression commands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..argtypes import (
+    positive_ints,
+)
+from ..paths import locked
+
+
+def _ints(text, flag: str = "--lengths") -> tuple[int, ...]:
+    """Comma-separated integers >= 1 (a tuple passes through, already parsed by argparse)."""
+    if isinstance(text, tuple):
+        return text
+    try:
+        return positive_ints(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def cmd_compress(a) -> int:
+    from ..compress.pipeline import compress
+
+    if Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a folder; a plan file path is expected")
+    plan = compress(a.model, a.density, _ints(a.lengths), out=a.out, samples=a.samples,
+                    max_rules_per_layer=a.max_rules_per_layer, resume=a.resume,
+                    validate_length=a.validate_length, validate_samples=a.validate_samples)  # fmt: skip
+    print(plan.summary(tuple(plan.meta.get("budget_lengths", plan.profile_lengths))))
+    if "validation" in plan.meta:
+        v = plan.meta["validation"]
+        print(f"chosen by answer loss at {v['length']} tokens ({v['samples']} prompts): "
+              + ", ".join(f"{k} {x:.4f}" for k, x in v["losses"].items()) + f" -> {plan.meta['candidate']}")
+    print(f"plan: {a.out} (heatmap {Path(a.out).with_suffix('.png')})")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from ..compress.pipeline import baseline, load_model, mass_scores, matched
+    from ..compress.plan import Plan
+    from ..demo import GRIDS
+    from ..eval.report import write
+    from ..eval.suite import evaluate
+
+    full = GRIDS["full"]
+    lengths = _ints(a.lengths) if a.lengths else full["eval_lengths"] if a.full else (1024, 2048, 4096)
+    depths = tuple(float(x) for x in a.depths.split(",")) if a.depths else full["depths"] if a.full else (0.25, 0.75)
+    samples = a.samples or (full["per_depth"] if a.full else 1)
+    task_names = a.tasks.split(",") if a.tasks else [*full["tasks"], "ppl", "speed"] if a.full else ["passkey", "ppl", "speed"]
+    ppl_windows = a.ppl_windows or (full["ppl_windows"] if a.full else 2)
+    plans = {"dense": None}
+    for p in a.plan:
+        plans[Path(p).stem] = Plan.load(p)
+    specs = []
+    for spec in a.baseline:
+        kind, _, d = spec.partition(":")
+        if d != "match" and not d.replace(".", "", 1).isdigit():
+            raise ValueError(f"--baseline {spec!r}: expected KIND:DENSITY (uniform:0.5) or KIND:match")
+        if d == "match" and not a.plan:
+            raise ValueError(f"--baseline {spec!r}: 'match' needs a --plan to match")
+        specs.append((kind, d))
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a file; a folder is expected")
+    model, tok = load_model(a.model)
+    for name, plan in plans.items():  # before any prompt is built or any pass runs
+        if plan is not None:
+            try:
+                plan.validate(model.cfg)
+            except ValueError as e:
+                raise ValueError(f"--plan {name}: {e}") from None
+    scores = mass_scores(model, tok) if any(kind == "duo" for kind, _ in specs) else None  # once, not per length
+    for kind, d in specs:
+        if d == "match":  # the first plan's density at every eval length
+            plans[f"{kind} @{Path(a.plan[0]).stem}"] = matched(a.model, kind, plans[Path(a.plan[0]).stem], lengths,
+                                                               model=model, tok=tok, scores=scores)  # fmt: skip
+        else:  # elastic (uniform) or fitted at each length (duo): this density at every eval length
+            plans[f"{kind} {d}"] = {N: baseline(a.model, kind, float(d), N + 16, model=model, tok=tok, scores=scores)
+                                    for N in lengths}  # fmt: skip
+    with locked(a.out):  # one writer per results folder
+        res = evaluate(model, tok, plans, task_names, lengths, depths, samples, ppl_windows=ppl_windows,
+                       speed_context=max(lengths))  # fmt: skip
+        table = write(res, Path(a.out))
+    print(table)
+    print(f"\nresults: {a.out}/results.md, results.json, *.png")
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from ..compress.pipeline import baseline
+    from ..compress.plan import Plan
+
+    if a.action in ("import", "export"):
+        from .. import load
+        from ..compress import interchange as ix
+
+        if a.target not in ("moa", "duo"):
+            raise ValueError(f"plan {a.action}: the format must be moa or duo, got {a.target!r}")
+        if a.file is None or a.out is None:
+            what = "a plan JSON" if a.action == "export" else {"moa": "moa_alpha_beta.json", "duo": "a gate TSV"}[a.target]
+            raise ValueError(f"plan {a.action} {a.target} needs FILE ({what}) and --out")
+        if a.action == "import" and a.target == "moa" and (a.config or a.sparsity is not None):
+            raise ValueError("--config and --sparsity are for plan import duo")
+        if a.action == "import" and a.target == "duo":
+            if a.config is None or a.sparsity is None:
+                raise ValueError("plan import duo needs --config (DuoAttention's config.json) and --sparsity")
+            if not 0 <= a.sparsity <= 1:  # also refuses nan
+                raise ValueError(f"--sparsity must be in [0, 1], got {a.sparsity}")
+        needs_model = a.action == "import" or a.target == "moa"
+        if needs_model and a.model is None:
+            raise ValueError(f"plan {a.action} {a.target} needs --model (for its layer and head counts)")
+        if a.action == "export":
+            plan = Plan.load(a.file)
+            if a.target == "duo":
+                tsv, conf = ix.save_duo(plan, a.out)
+                print(f"DuoAttention plan: {tsv} ({plan.num_layers} layers x {plan.num_kv_heads} KV heads), {conf}")
+                return 0
+            cfg = load(a.model).cfg
+            plan.validate(cfg)
+            path = ix.save_moa(plan, a.out, cfg.num_heads)
+            print(f"MoA plan: {path} ({plan.num_layers} layers x {cfg.num_heads} query heads, each KV head's rule "
+                  f"repeated for its {cfg.num_heads // cfg.num_kv_heads} query heads)")  # fmt: skip
+            return 0
+        if Path(a.out).is_dir():
+            raise ValueError(f"--out {a.out} is a folder; a plan file path is expected")
+        cfg = load(a.model).cfg
+        kw = {"model_name": str(a.model), "profile_lengths": a.lengths or (1024, 2048, 4096)}
+        if a.target == "moa":
+            plan = ix.load_moa(a.file, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, a.gqa, **kw)
+            other = "mean" if a.gqa == "max" else "max"
+            alt = ix.load_moa(a.file, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, other, **kw)
+            note = f"{plan.meta['note']}; mean density {plan.density():.3f} (--gqa {other}: {alt.density():.3f})"
+        else:
+            plan = ix.load_duo(a.file, a.config, a.sparsity, cfg.num_layers, cfg.num_kv_heads, **kw)
+            note = plan.meta["note"]
+        plan.save(a.out)
+        print(plan.summary())
+        print(note)
+        print(f"plan: {a.out}")
+        return 0
+    if a.file is not None:
+        raise ValueError(f"plan {a.action} takes one {'plan file' if a.action == 'show' else 'model'}, got {a.file!r} too")
+    if a.action == "show":
+        plan = Plan.load(a.target)
+        png = Path(a.png or Path(a.target).with_suffix(".png"))
+        if png.resolve() == Path(a.target).resolve():
+            raise ValueError(f"the heatmap would overwrite the plan {a.target}; pass --png PATH")
+        if png.suffix.lower() != ".png" or png.is_dir():
+            raise ValueError(f"--png {png}: expected a .png file path")
+        print(plan.summary(a.lengths))
+        png = plan.plot(png, a.length)
+        print(f"heatmap: {png}")
+        return 0
+    if a.out is None or a.density is None:
+        raise ValueError("plan baseline needs --density and --out")
+    if Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a folder; a plan file path is expected")
+    plan = baseline(a.target, a.kind, a.density, a.length or 4096)
+    plan.save(a.out)
+    print(plan.summary())
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from ..demo import run
+
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a file; a folder is expected")
+    densities = tuple(float(x) for x in a.densities.split(",")) if a.densities else None
+    print(run(a.model, a.grid, out=a.out, densities=densities, eval_lengths=_ints(a.eval_lengths) if a.eval_lengths
+              else None, samples=a.samples, per_depth=a.per_depth, tasks=tuple(a.tasks.split(",")) if a.tasks else None,
+              lengths=_ints(a.lengths) if a.lengths else None, validate_length=a.validate_length))  # fmt: skip
+    print(f"\nplots and JSON in {a.out}/")
+    return 0
+
+
