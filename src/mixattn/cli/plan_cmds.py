@@ -24,8 +24,7 @@ def _ints(text, flag: str = "--lengths") -> tuple[int, ...]:
 def cmd_compress(a) -> int:
     from ..compress.pipeline import compress
 
-    if Path(a.out).is_dir():
-        raise ValueError(f"--out {a.out} is a folder; a plan file path is expected")
+    # compress() refuses a folder as ``out`` (and every bad argument) before loading anything
     plan = compress(a.model, a.density, _ints(a.lengths), out=a.out, samples=a.samples,
                     max_rules_per_layer=a.max_rules_per_layer, resume=a.resume,
                     validate_length=a.validate_length, validate_samples=a.validate_samples)  # fmt: skip

@@ -31,7 +31,7 @@ import math
 import os
 from pathlib import Path
 
-from ..paths import atomic_write, read_json
+from ..paths import read_json, write_text
 from .plan import DENSE, HeadRule, Plan
 
 MOA_SINK = 64  # MoA's fixed global (sink) size and block size, in tokens
@@ -121,7 +121,7 @@ def plan_to_moa(plan: Plan, num_heads: int) -> dict:
 
 def save_moa(plan: Plan, path: str | os.PathLike, num_heads: int) -> Path:
     data = plan_to_moa(plan, num_heads)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
+    return write_text(path, json.dumps(data, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------- Duo
@@ -224,6 +224,6 @@ def save_duo(plan: Plan, directory: str | os.PathLike) -> tuple[Path, Path]:
         raise ValueError(f"--out {d} is a file; DuoAttention's export is a folder")
     d.mkdir(parents=True, exist_ok=True)
     tsv = "".join("\t".join(f"{g:g}" for g in row) + "\n" for row in gates)
-    a = atomic_write(d / "full_attention_heads.tsv", lambda tmp: Path(tmp).write_text(tsv))
-    b = atomic_write(d / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
+    a = write_text(d / "full_attention_heads.tsv", tsv)
+    b = write_text(d / "config.json", json.dumps(config, indent=1))
     return a, b

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..paths import atomic_write, read_json, save_figure
+from ..paths import read_json, save_figure, write_text
 
 FORMAT = "mixattn-plan/1"
 
@@ -136,13 +136,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file + rename): a failed save never leaves half a plan."""
-        data = self.to_dict()
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(data, f, indent=1)
-
-        return atomic_write(path, write)
+        return write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
