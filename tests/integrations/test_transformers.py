@@ -113,14 +113,21 @@ def test_greedy_generate_with_sparse_cache_gives_mixturelm_tokens(kind, tmp_path
     assert torch.equal(out, ours.generate(ids, n))
 
 
-def test_left_padded_batch_generates_like_each_prompt_alone(tmp_path):
-    model = _hf_model("llama")
+def _padded_pair(tmp_path, kind, lengths, seeds):
+    """The HF model and MixtureLM with PLAN, and a left-padded batch of two prompts of ``lengths``:
+    (model, ours, prompts, ids (2, T), left_pad (2,), attention_mask (2, T))."""
+    model = _hf_model(kind)
     model.save_pretrained(tmp_path)
     ours = mixattn.apply_plan(mixattn.load(tmp_path), PLAN)
     hf.apply_plan(model, PLAN)
-    long, short = _ids(1, 40, seed=2)[0].tolist(), _ids(1, 29, seed=3)[0].tolist()
-    ids, pad = mixattn.pad_left([long, short])
+    prompts = [_ids(1, T, seed=s)[0].tolist() for T, s in zip(lengths, seeds)]
+    ids, pad = mixattn.pad_left(prompts)
     mask = (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
+    return model, ours, prompts, ids, pad, mask
+
+
+def test_left_padded_batch_generates_like_each_prompt_alone(tmp_path):
+    model, ours, (long, short), ids, pad, mask = _padded_pair(tmp_path, "llama", (40, 29), seeds=(2, 3))
     n = 8
     cache = hf.SparseCache(model, max_new_tokens=n)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, past_key_values=cache,
@@ -133,13 +140,7 @@ def test_left_padded_batch_generates_like_each_prompt_alone(tmp_path):
 
 def test_left_padded_forward_without_a_cache_equals_mixturelm(tmp_path):
     """N is the batch's (padded) length, as in MixtureLM; sinks start at each row's first real token."""
-    model = _hf_model("qwen2")
-    model.save_pretrained(tmp_path)
-    ours = mixattn.apply_plan(mixattn.load(tmp_path), PLAN)
-    hf.apply_plan(model, PLAN)
-    long, short = _ids(1, 40, seed=4)[0].tolist(), _ids(1, 31, seed=5)[0].tolist()
-    ids, pad = mixattn.pad_left([long, short])
-    mask = (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
+    model, ours, _, ids, pad, mask = _padded_pair(tmp_path, "qwen2", (40, 31), seeds=(4, 5))
     with torch.no_grad():
         got = model(ids, attention_mask=mask).logits
         want = ours(ids, left_pad=pad).logits
