@@ -9,6 +9,9 @@ Ops registered here:
     head_sparse_attention(q (B, H, T, D), k, v (B, Hkv, T, D), active (B, T, H) bool, q_offset, left_pad)
         -> (B, T, H, D)
     sparse_attention(q (B, H, T, D), k, v (B, Hkv, T, D), sink (Hkv,), span (Hkv,), left_pad) -> (B, H, T, D)
+
+Where several fast implementations compute the same function and the winner depends on the machine,
+``autotune.choose`` picks one by timing them on first use (cached on disk per CPU, torch, dtype, shape).
 """
 
 from __future__ import annotations
@@ -46,4 +49,4 @@ def get(op: str, impl: str = "auto") -> Callable:
 
 
 # Registration happens on import of these modules (they only define functions).
-from . import grouped, head_sparse, reference, sparse  # noqa: E402,F401
+from . import grouped, head_sparse, reference, sparse, sparse_sdpa  # noqa: E402,F401

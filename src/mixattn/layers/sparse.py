@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
+from ..kernels import autotune
 from ..kernels.sdpa import causal_sdpa
 from .cache import RaggedKVCache
 
@@ -24,7 +25,8 @@ from .cache import RaggedKVCache
 @dataclass(frozen=True)
 class SparseSpec:
     """Rules for one layer's KV heads: sink (Hkv,), alpha (Hkv,), beta (Hkv,); ``impl`` names the
-    ``sparse_attention`` kernel ("auto": blocked when gradients are needed, flex otherwise)."""
+    ``sparse_attention`` kernel ("auto": blocked when gradients are needed, else the faster of sdpa
+    and flex on this machine, measured on first use)."""
 
     sink: tuple[int, ...]
     alpha: tuple[float, ...]
@@ -44,14 +46,35 @@ class SparseSpec:
         return RaggedKVCache(self.sinks(), self.spans(ref_len), ref_len)
 
 
-def _pick(impl: str, q: torch.Tensor) -> str:
+def _kept_fraction(T: int, sink: torch.Tensor, span: torch.Tensor) -> float:
+    """Mean over heads of the causal (query, key) pairs a rule keeps, as a fraction of all of them."""
+    i = torch.arange(T, dtype=torch.float64)[:, None]
+    return float(torch.minimum(i + 1, (sink + span)[None].double()).sum(0).mean()) / (T * (T + 1) / 2)
+
+
+def _pick(impl: str, q: torch.Tensor, k=None, v=None, sink=None, span=None, pad=None) -> str:
+    """The kernel ``impl`` names; for "auto", the one to use for these inputs (without k, v and the
+    rule there is nothing to time: the static inference default, flex)."""
     if impl != "auto":
         return impl
     if q.requires_grad and torch.is_grad_enabled():
-        return "blocked"  # flex has no CPU backward; blocked is exact and differentiable everywhere
-    # inference: compiled flex never materialises scores and beats dense flash SDPA from ~1k tokens
-    # (benchmarks/bench_sparse.py); blocked materialises T x (span + block) scores per head
-    return "flex"
+        return "blocked"  # exact and differentiable everywhere (profiling, sparse training)
+    if k is None:
+        return "flex"
+    # inference: the fused-SDPA-on-kept-keys kernel or compiled flex, whichever this machine runs
+    # faster for this shape (flex wins on some x86 CPUs and loses on others: benchmarks/README.md)
+    T = q.shape[2]
+    names = ["sdpa"] + (["flex"] if T >= kernels.sparse.FLEX_MIN_LEN else [])
+    fns = {n: kernels.get("sparse_attention", n) for n in names}
+    cands = {n: (lambda f=f: f(q, k, v, sink, span, pad)) for n, f in fns.items()}
+    bucket = (q.shape[0], q.shape[1], k.shape[1], q.shape[3], 1 << (T - 1).bit_length(),
+              round(_kept_fraction(T, sink, span), 1), len(set(zip(sink.tolist(), span.tolist()))))  # fmt: skip
+    return autotune.choose("sparse_attention", bucket, cands, q)
+
+
+def _sparse(q, k, v, spec: SparseSpec, N: int, pad) -> torch.Tensor:
+    sink, span = spec.sinks(), spec.spans(N)
+    return kernels.get("sparse_attention", _pick(spec.impl, q, k, v, sink, span, pad))(q, k, v, sink, span, pad)
 
 
 def attend(q, k, v, ctx, spec: SparseSpec | None) -> torch.Tensor:
@@ -73,7 +96,7 @@ def attend(q, k, v, ctx, spec: SparseSpec | None) -> torch.Tensor:
             cache.write(k, v, left_pad=pad)
             if spec.is_dense_at(N):
                 return causal_sdpa(q, k, v, left_pad=pad)
-            return kernels.get("sparse_attention", _pick(spec.impl, q))(q, k, v, spec.sinks(), spec.spans(N), pad)
+            return _sparse(q, k, v, spec, N, pad)
         cache.write(k, v)
         return cache.attend(q)
     if spec is None:
@@ -83,4 +106,4 @@ def attend(q, k, v, ctx, spec: SparseSpec | None) -> torch.Tensor:
         return causal_sdpa(q, k, v, ctx.q_offset, pad)
     if ctx.q_offset:  # chunked decoding over a dense cache: only the reference handles the offset
         return kernels.get("sparse_attention", "reference")(q, k, v, spec.sinks(), spec.spans(N), pad, ctx.q_offset)
-    return kernels.get("sparse_attention", _pick(spec.impl, q))(q, k, v, spec.sinks(), spec.spans(N), pad)
+    return _sparse(q, k, v, spec, N, pad)
