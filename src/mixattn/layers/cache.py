@@ -132,8 +132,9 @@ class RaggedKVCache:
         t = torch.arange(self.length, self.length + T, device=k_BHTD.device)
         if self.left_pad is None:
             for h in range(len(self.caps)):
-                slots, keep = self._slots(h, t, t)  # (kept,), (T,)
-                self.k[:, slots], self.v[:, slots] = k_BHTD[:, h, keep], v_BHTD[:, h, keep]
+                for dst, src, n in self._runs(h, T):  # slice copies: no index tensors, no gathers
+                    self.k[:, dst : dst + n] = k_BHTD[:, h, src : src + n]
+                    self.v[:, dst : dst + n] = v_BHTD[:, h, src : src + n]
         else:
             p_BT = t[None, :] - self.left_pad[:, None]  # positions within each row; < 0 is padding
             for h in range(len(self.caps)):
@@ -141,6 +142,27 @@ class RaggedKVCache:
                 rows, cols = keep_BT.nonzero(as_tuple=True)
                 self.k[rows, slots], self.v[rows, slots] = k_BHTD[rows, h, cols], v_BHTD[rows, h, cols]
         self.length += T
+
+    def _runs(self, h: int, T: int) -> list[tuple[int, int, int]]:
+        """(buffer slot, index in the new tokens, count) runs that store tokens ``length .. length+T-1``
+        of head h without padding: the ones below the sink, and the last ``span`` ones, which fill the
+        circular window in at most two runs (before and after its wrap)."""
+        first, last, base = self.length, self.length + T - 1, self.offsets[h]
+        s, w = self.sink[h], self.span[h]
+        if self.caps[h] >= self.ref_len:  # dense head: slot == position
+            return [(base + first, 0, T)]
+        runs = []
+        if first < s:
+            runs.append((base + first, 0, min(s, last + 1) - first))
+        p0 = max(s, last - w + 1, first)  # first window position some later query still sees
+        n = last + 1 - p0
+        if n > 0:
+            start = (p0 - s) % w
+            m = min(n, w - start)
+            runs.append((base + s + start, p0 - first, m))
+            if n > m:
+                runs.append((base + s, p0 - first + m, n - m))
+        return runs
 
     def _slots(self, h: int, p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffer slots of head h for the positions p (at token indices t) that some query from now
@@ -178,6 +200,37 @@ class RaggedKVCache:
         if self._perm is not None:
             o_BKGD = o_BKGD.index_select(1, self._perm[1])  # back to head order
         return o_BKGD.reshape(B, H, 1, D)
+
+    def attend_chunk(self, q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> torch.Tensor:
+        """Chunked prefill: T new queries at positions ``length .. length+T-1`` attend over what the
+        cache holds plus their own keys, which are then written. (B, H, T, D).
+
+        The cache keeps every key a later query can still see (sink, and the last ``span`` positions),
+        so per head the old keys are read back in position order (before the write, which may reuse
+        their slots) and joined to the new ones, with a (T, kept + T) mask built from the rule.
+        """
+        if self.left_pad is not None:
+            raise ValueError("chunked prefill with a ragged cache does not support left padding")
+        B, H, T, D = q_BHTD.shape
+        Hkv, L, dev = len(self.caps), self.length, q_BHTD.device
+        G = H // Hkv
+        qp = torch.arange(L, L + T, device=dev)[:, None]
+        outs = []
+        for h in range(Hkv):
+            s, w = self.sink[h], self.span[h]
+            if self.caps[h] >= self.ref_len:
+                pos = torch.arange(L, device=dev)
+            else:
+                pos = torch.cat([torch.arange(min(s, L), device=dev), torch.arange(max(s, L - w + 1), L, device=dev)])
+            slots = self.offsets[h] + self._local(h, pos)
+            kp = torch.cat([pos, qp[:, 0]])[None, :]
+            mask = (kp <= qp) & ((kp < s) | (qp - kp < w))  # (T, kept + T)
+            kk = torch.cat([self.k[:, slots], k_BHTD[:, h]], dim=1)[:, None]  # (B, 1, kept + T, D)
+            vv = torch.cat([self.v[:, slots], v_BHTD[:, h]], dim=1)[:, None]
+            outs.append(F.scaled_dot_product_attention(q_BHTD[:, h * G : (h + 1) * G], kk, vv, attn_mask=mask,
+                                                       enable_gqa=G > 1))  # fmt: skip
+        self.write(k_BHTD, v_BHTD)
+        return torch.cat(outs, dim=1)
 
     def extend(self, name: str, x_BHTD: torch.Tensor) -> torch.Tensor:
         """Dense append-only state other than K/V (``KVCache.extend``): token-graph routers keep

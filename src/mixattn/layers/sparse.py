@@ -89,8 +89,8 @@ def attend(q, k, v, ctx, spec: SparseSpec | None) -> torch.Tensor:
     """
     cache, pad = ctx.cache, ctx.left_pad
     if isinstance(cache, RaggedKVCache):
-        if cache.length and q.shape[2] > 1:
-            raise ValueError("a ragged KV cache decodes one token at a time after the prefill")
+        if cache.length and q.shape[2] > 1:  # a later chunk of a chunked prefill
+            return cache.attend_chunk(q, k, v)
         if cache.length == 0 and spec is not None:  # prefill: attention over the prompt itself
             N = cache.ref_len
             cache.write(k, v, left_pad=pad)
