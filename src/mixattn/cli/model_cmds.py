@@ -12,7 +12,7 @@ def cmd_generate(a) -> int:
 
     from .. import load, load_tokenizer
 
-    model, tok = load(a.checkpoint), load_tokenizer(a.checkpoint)
+    model, tok = load(a.checkpoint, getattr(a, "dtype", "float32")), load_tokenizer(a.checkpoint)
     ids = torch.tensor([tok.encode(a.prompt)])
     if ids.shape[1] + a.max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"--max-new-tokens {a.max_new_tokens} after a {ids.shape[1]}-token prompt exceeds the model's "
@@ -20,7 +20,7 @@ def cmd_generate(a) -> int:
     gen = torch.Generator().manual_seed(a.seed)
     stop = (tok.eos_token_id,) if tok.eos_token_id is not None else ()
     out = model.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, generator=gen,
-                         stop_tokens=stop)  # fmt: skip
+                         stop_tokens=stop, prefill_chunk=getattr(a, "prefill_chunk", None))  # fmt: skip
     print(tok.decode(out[0].tolist()))
     return 0
 

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
     p.add_argument("--init", help="start from this checkpoint's weights (continue-training)")
     p.add_argument("--stop-at", type=positive_int, help="stop and checkpoint after this many steps (resume later)")
+    p.add_argument("--nproc", type=positive_int, help="train on N local processes (torchrun; experts sharded over "
+                   "them, the rest with FSDP2); --batch-size is the global batch")  # fmt: skip
     _add_train_args(p)
 
     p = add("generate", "generate text from a checkpoint", cmd_generate)
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int)
     p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
+                   help="inference dtype; auto: bfloat16 where the CPU has AMX or AVX512_BF16 (or CUDA)")
+    p.add_argument("--prefill-chunk", type=positive_int, help="run the prompt this many tokens at a time")
 
     p = add("convert", "convert a model: dense -> MoH, GQA -> MoA (exact), N dense models -> BAM", cmd_convert)
     p.add_argument("sources", nargs="+", help="model sources (smollm2-135m, checkpoint/HF dir, .gguf)")

@@ -100,6 +100,15 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3")
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not round the frequencies: an 8-bit mantissa puts position 4000's
+        # angles off by whole turns. Keep them at least fp32 (float64 models keep float64).
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype in (torch.bfloat16, torch.float16):
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs_TD2 = positions.float()[:, None] * self.inv_freq[None, :]
         emb_TD = torch.cat([freqs_TD2, freqs_TD2], dim=-1)
