@@ -29,6 +29,7 @@ class CalibSample:
     length: int  # the profile length it was built for
     task: str = ""
     own: bool = False  # True: the model's own (correct) answer; False: the gold answer
+    source: tasks.Sample | None = None  # the task prompt and answers: validation scores it by generation
 
 
 def gold(sample: tasks.Sample) -> tuple[torch.Tensor, int]:
@@ -71,7 +72,7 @@ def build(model, tok, corpora, lengths, samples_per_length: int = 16, seed: int 
         ids, start, own = answer(model, tok, s, answer_tokens)
         mask = torch.zeros(len(ids), dtype=torch.bool)
         mask[start - 1 : len(ids) - 1] = True  # logits at these positions predict the answer
-        out.append(CalibSample(ids, mask, N, task, own))
+        out.append(CalibSample(ids, mask, N, task, own, s))
     if not out:
         raise ValueError("calibration produced no samples (check lengths and corpora)")
     return out

@@ -52,15 +52,21 @@ def dropped_fraction(rule: HeadRule, N: int, block: int = 64, stride: int = 8) -
     return torch.where(c > 0, 1 - k / c.clamp_min(1), torch.zeros_like(c))
 
 
-def loss_matrix(profile, rules) -> np.ndarray:
-    """(L * Hkv, R): profiled loss of the blocks each rule drops, summed over profile lengths."""
-    total = None
+def loss_matrix(profile, rules, copy_weight: float = 0.0) -> np.ndarray:
+    """(L * Hkv, R): profiled loss of the blocks each rule drops, summed over profile lengths, plus
+    ``copy_weight`` times the retrieval (copy) attention it drops. Each term is scaled so that a
+    head's mean total is 1 at every length: weight 1 counts both equally."""
+    total = 0.0
     for N in profile.lengths:
-        infl = profile.influence[N] / max(1, profile.counts[N])  # (L, Hkv, nb, nb)
-        infl = infl / infl.sum(dim=(-1, -2)).mean().clamp_min(1e-30)  # equal weight per length
         drop = torch.stack([dropped_fraction(r, N) for r in rules]).double()  # (R, nb, nb)
-        part = torch.einsum("lhij,rij->lhr", infl, drop)
-        total = part if total is None else total + part
+        terms = [(1.0, profile.influence[N])]
+        if copy_weight:
+            if N not in profile.copy:
+                raise ValueError(f"profile has no copy attention at length {N}; re-profile with this version")
+            terms.append((copy_weight, profile.copy[N]))
+        for w, t in terms:
+            t = t / t.sum(dim=(-1, -2)).mean().clamp_min(1e-30)  # (L, Hkv, nb, nb), mean head total 1
+            total = total + w * torch.einsum("lhij,rij->lhr", t, drop)
     return total.reshape(-1, len(rules)).numpy()
 
 
@@ -97,20 +103,21 @@ def solve(loss: np.ndarray, dens: np.ndarray, budget: float, layer_of: np.ndarra
 
 
 def optimize(profile, density: float, rules=None, max_rules_per_layer: int | None = None, model_name: str = "",
-             time_limit: float = 300.0, budget_lengths=None) -> Plan:  # fmt: skip
-    """The plan minimising profiled dropped influence with mean density <= ``density`` at every
-    profile length and every length in ``budget_lengths`` (e.g. the eval lengths: elastic rules then
-    cannot drift below the budget's intent at lengths the profile did not see)."""
+             time_limit: float = 300.0, budget_lengths=None, copy_weight: float = 0.0) -> Plan:  # fmt: skip
+    """The plan minimising profiled dropped influence (plus ``copy_weight`` x dropped retrieval
+    attention) with mean density <= ``density`` at every profile length and every length in
+    ``budget_lengths`` (e.g. the eval lengths: elastic rules then cannot drift below the budget's
+    intent at lengths the profile did not see)."""
     lengths = tuple(sorted({*profile.lengths, *(budget_lengths or ())}))
     rules = rules or candidate_rules(lengths)
     L, Hkv = profile.influence[profile.lengths[0]].shape[:2]
-    loss = loss_matrix(profile, rules)
+    loss = loss_matrix(profile, rules, copy_weight)
     dens = np.array([[r.density(N) for N in lengths] for r in rules])
     choice = solve(loss, dens, density, np.repeat(np.arange(L), Hkv), max_rules_per_layer, time_limit)
     layers = tuple(tuple(rules[choice[l * Hkv + h]] for h in range(Hkv)) for l in range(L))
     objective = float(loss[np.arange(L * Hkv), choice].sum())
     meta = {"method": "mixattn", "budget": density, "objective": objective, "rules": len(rules),
-            "budget_lengths": list(lengths)}  # fmt: skip
+            "budget_lengths": list(lengths), "copy_weight": copy_weight}  # fmt: skip
     return Plan(layers, model_name, tuple(profile.lengths), meta)
 
 
@@ -120,19 +127,30 @@ def pareto(profile, densities, **kw) -> list[Plan]:
 
 
 @torch.no_grad()
-def select_by_validation(model, plans, samples) -> tuple[Plan, list[float]]:
-    """Apply each plan, measure the answer-token loss on validation ``samples`` (typically longer
-    than any profile length), and return the best plan with every plan's loss."""
+def select_by_validation(model, plans, samples, tok=None) -> tuple[Plan, list[float], list[int]]:
+    """Apply each plan to held-out ``samples`` (typically longer than any profile length) and return
+    the best plan, every plan's answer-token loss and every plan's retrieval hits.
+
+    With ``tok`` and samples that carry their task prompt (``source``), the primary criterion is
+    retrieval: greedy generation (RULER scoring) on the samples the dense model answered right
+    itself (``own``), the ones there is something to keep. Ties, and runs without ``tok``, go to
+    the lower mean answer loss."""
+    from ..eval.retrieval import score
     from .apply import apply_plan, remove_plan
 
-    losses = []
+    keep = [s for s in samples if tok is not None and s.own and s.source is not None]
+    losses, hits = [], []
     for plan in plans:
         apply_plan(model, plan)
-        total = 0.0
-        for s in samples:  # each sample at its own length: the plan's reference length is the input's
-            logits = model(s.ids[None]).logits[0, :-1]
-            m = s.answer_mask[:-1]
-            total += float(torch.nn.functional.cross_entropy(logits[m].float(), s.ids[1:][m]))
-        losses.append(total / len(samples))
-        remove_plan(model)
-    return plans[int(np.argmin(losses))], losses
+        try:
+            total = 0.0
+            for s in samples:  # each sample at its own length: the plan's reference length is the input's
+                logits = model(s.ids[None]).logits[0, :-1]
+                m = s.answer_mask[:-1]
+                total += float(torch.nn.functional.cross_entropy(logits[m].float(), s.ids[1:][m]))
+            losses.append(total / len(samples))
+            hits.append(sum(score(model, tok, s.source)["hit"] for s in keep))
+        finally:
+            remove_plan(model)
+    best = min(range(len(plans)), key=lambda i: (-hits[i], losses[i]))
+    return plans[best], losses, hits

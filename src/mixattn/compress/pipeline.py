@@ -21,7 +21,7 @@ from . import profile as profiling
 from .plan import DENSE, HeadRule, Plan
 
 CORPORA = ("shakespeare", "stdlib")
-CACHE_VERSION = "calib-v3"  # bump when calibration or profiling changes meaning
+CACHE_VERSION = "calib-v4"  # bump when calibration or profiling changes meaning
 
 
 def model_file(source) -> Path:
@@ -89,21 +89,33 @@ def check_args(density, lengths, samples, max_rules_per_layer, validate_length, 
                          f"at lengths {budget_lengths}")  # fmt: skip
 
 
+STREAMING_WINDOWS = (64, 128, 256, 448)  # sink 64 + these: the short-window heads of "full+window"
+STREAMING_BETAS = (0.1, 0.2, 0.3)  # ... or sink 64 + an elastic window beta N, so the budget holds at every length
+
+
 def candidates(prof, density: float, budget_lengths, max_rules_per_layer, name: str) -> dict[str, Plan]:
     """Plans the validation chooses among, all within ``density`` at every budget length:
-    the free MILP, the MILP with at most 2 rules per layer, and "top heads full, the rest sink 64 +
-    a short window" (the MILP over those two rules: a profile-ranked DuoAttention-style plan; the
-    window is 448 tokens, shrunk by ``duo_window`` where the budget at the shortest length needs it)."""
+
+    - ``milp``: MoA's MILP over the whole rule grid, objective = gradient influence;
+    - ``milp-2-rules``: the same with at most 2 distinct rules per layer;
+    - ``milp+copy``: the whole grid, objective = influence + the retrieval (copy) attention dropped;
+    - ``full+window``: every head either full or sink 64 + a short fixed or elastic window, chosen by
+      influence + copy attention: "retrieval heads full, the rest streaming" (DuoAttention's shape,
+      heads ranked by what the profile says they retrieve), with the budget met at every length.
+    """
     out = {}
     kw = {"model_name": name, "budget_lengths": budget_lengths}
     out["milp"] = optimize.optimize(prof, density, max_rules_per_layer=max_rules_per_layer, **kw)
     if max_rules_per_layer is None or max_rules_per_layer > 2:
         out["milp-2-rules"] = optimize.optimize(prof, density, max_rules_per_layer=2, **kw)
-    try:
-        window = duo_window(density, min(budget_lengths), 64, 448)
-        out["full+window"] = optimize.optimize(prof, density, rules=[DENSE, HeadRule(64, float(window), 0.0)], **kw)
-    except ValueError:  # the window alone is above the budget at a short length
-        pass
+    if prof.copy:
+        out["milp+copy"] = optimize.optimize(prof, density, max_rules_per_layer=max_rules_per_layer, copy_weight=1.0, **kw)
+        streaming = [HeadRule(64, float(w), 0.0) for w in STREAMING_WINDOWS]
+        streaming += [HeadRule(64, 0.0, b) for b in STREAMING_BETAS]
+        try:
+            out["full+window"] = optimize.optimize(prof, density, rules=[DENSE, *streaming], copy_weight=1.0, **kw)
+        except ValueError:  # even the shortest window is above the budget at a short length
+            pass
     for label, plan in out.items():
         plan.meta["candidate"] = label
     return out
@@ -140,9 +152,10 @@ def compress(source, density: float, lengths=(1024, 2048), out=None, samples: in
     if validate_length:
         val = _cached(work / f"validation_{validate_length}_{validate_samples}.pt", resume, lambda: calibration.build(
             model, tok, list(corpora), (validate_length,), validate_samples, seed + 7919, progress=progress))  # fmt: skip
-        plan, losses = optimize.select_by_validation(model, list(plans.values()), val)
+        plan, losses, hits = optimize.select_by_validation(model, list(plans.values()), val, tok)
         plan.meta["validation"] = {"length": validate_length, "samples": len(val),
-                                   "losses": dict(zip(plans, losses))}  # fmt: skip
+                                   "own_answers": sum(s.own for s in val), "losses": dict(zip(plans, losses)),
+                                   "hits": dict(zip(plans, hits))}  # fmt: skip
     plan.meta.update(samples=len(samples_), lengths=list(lengths), budget_lengths=list(budget_lengths),
                      calibration=calibration.summary(samples_))  # fmt: skip
     if out is not None:

@@ -10,6 +10,12 @@ calibration samples, separately for each profile length. A is rebuilt one layer 
 time from the captured q and k, and G = dL/do @ v^T from the attention output's gradient, so the
 peak memory is one head's T x T matrix.
 
+Copy profile (retrieval heads, Wu et al. 2024, arXiv 2404.15574): while the model writes an answer
+that also occurs in the prompt (the needle), a retrieval head attends to the prompt token it is
+copying. ``copy[N]`` block-sums, per KV head, the attention A[i, j] from the row predicting answer
+token t to the position j holding that token in each prompt occurrence of the answer. Dropping
+those blocks is what loses retrieval, whatever the loss gradient says on a few samples.
+
 Cheap scores for comparison: ``mass_outside`` (attention mass outside sink + local window,
 DuoAttention/RazorAttention style) and ``induction`` (attention to the token after the previous
 occurrence on repeated random tokens, RazorAttention's retrieval heads).
@@ -40,6 +46,7 @@ class Profile:
     counts: dict[int, int]  # samples accumulated per length
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (L, Hkv)
     done: int = 0  # calibration samples processed (resume point)
+    copy: dict[int, torch.Tensor] = field(default_factory=dict)  # N -> (L, Hkv, nb, nb) copy attention
 
     def save(self, path: str | os.PathLike) -> Path:
         return atomic_write(path, lambda tmp: torch.save(self.__dict__, tmp))
@@ -72,6 +79,30 @@ def _block_sum(x_TT: torch.Tensor, nb: int) -> torch.Tensor:
     return x.view(nb, BLOCK, nb, BLOCK).sum((1, 3))
 
 
+def copy_sources(ids: torch.Tensor, start: int, probe: int = 4) -> list[tuple[int, int]]:
+    """[(row, source)]: for every answer token ids[start + t], the row that predicts it (start - 1 + t)
+    and the prompt position holding the same token in each occurrence of the answer in ids[:start].
+    An occurrence is where the answer's first ``probe`` tokens appear; none: [] (nothing is copied)."""
+    ans = ids[start:].tolist()
+    if not ans:
+        return []
+    m = min(probe, len(ans))
+    prompt = ids[:start].tolist()
+    out = []
+    for j in range(start - m + 1):
+        if prompt[j : j + m] == ans[:m]:
+            out += [(start - 1 + t, j + t) for t in range(len(ans)) if j + t < start and prompt[j + t] == ans[t]]
+    return out
+
+
+def _copy_blocks(A: torch.Tensor, pairs, nb: int) -> torch.Tensor:
+    """(nb, nb): attention A[row, source] summed over copy ``pairs``, per 64 x 64 block."""
+    out = torch.zeros(nb, nb, dtype=torch.float64)
+    for i, j in pairs:
+        out[i // BLOCK, j // BLOCK] += float(A[i, j])
+    return out
+
+
 def _mass_outside(A: torch.Tensor) -> float:
     """Mean over queries past sink+local of the attention mass outside the sink and local window."""
     T = A.shape[0]
@@ -97,9 +128,12 @@ def run(model, samples, lengths, path=None, resume: bool = False, progress: bool
     L, Hkv, G = cfg.num_layers, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
     prof = Profile(tuple(lengths), {N: torch.zeros(L, Hkv, math.ceil(N / BLOCK), math.ceil(N / BLOCK), dtype=torch.float64)
                                     for N in lengths}, {N: 0 for N in lengths})  # fmt: skip
+    prof.copy = {N: torch.zeros_like(t) for N, t in prof.influence.items()}
     mass = torch.zeros(L, Hkv, dtype=torch.float64)
     if resume and path is not None and Path(path).is_file():
         prof = Profile.load(path)
+        if not prof.copy and prof.done:
+            raise ValueError(f"{path}: profile from an older version (no copy profile); delete it to re-profile")
         mass = prof.scores.get("mass_outside", mass) * max(1, prof.done)
     model.eval()
     bar = tqdm(total=len(samples), initial=prof.done, desc="profiling (gradient influence)", disable=not progress)
@@ -115,6 +149,7 @@ def run(model, samples, lengths, path=None, resume: bool = False, progress: bool
             loss = F.cross_entropy(logits[:-1][s.answer_mask[:-1]].float(), target)
             loss.backward()
             nb = prof.influence[s.length].shape[-1]
+            pairs = copy_sources(s.ids, int(s.answer_mask.nonzero()[0]) + 1)
             with torch.no_grad():
                 for layer, (q, k, v, o) in enumerate(caps):
                     dO = o.grad
@@ -124,6 +159,8 @@ def run(model, samples, lengths, path=None, resume: bool = False, progress: bool
                         Gm = dO[0, h] @ v[0, kv].T  # dL/dA, since o = A v
                         prof.influence[s.length][layer, kv] += _block_sum(influence(A, Gm).abs(), nb).double()
                         mass[layer, kv] += _mass_outside(A) / G
+                        if pairs:
+                            prof.copy[s.length][layer, kv] += _copy_blocks(A, pairs, nb)
             for m in mods:
                 m.capture = None
             model.zero_grad(set_to_none=True)

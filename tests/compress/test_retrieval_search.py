@@ -1,0 +1,100 @@
+"""The retrieval side of the plan search: copy sources, the copy profile, its weight in the MILP and
+selection of the candidate by generation hits."""
+
+import dataclasses
+
+import torch
+
+from mixattn.compress import optimize as optimize_mod
+from mixattn.compress import profile as profiling
+from mixattn.compress.calibration import CalibSample
+from mixattn.compress.optimize import optimize, select_by_validation
+from mixattn.compress.plan import DENSE, HeadRule, Plan
+from mixattn.models import PRESETS, MixtureLM
+
+
+def test_copy_sources_pairs_each_answer_row_with_every_prompt_occurrence():
+    # prompt: 0..9, the answer [7, 8, 9] occurs at 3..5 and 11..13; the answer starts at 16
+    ids = torch.tensor([0, 1, 2, 7, 8, 9, 3, 4, 5, 6, 1, 7, 8, 9, 2, 3, 7, 8, 9])
+    pairs = profiling.copy_sources(ids, 16, probe=3)
+    # row 15 predicts ids[16] = 7 (held at 3 and 11), row 16 predicts 8 (4, 12), row 17 predicts 9 (5, 13)
+    assert sorted(pairs) == [(15, 3), (15, 11), (16, 4), (16, 12), (17, 5), (17, 13)]
+    assert profiling.copy_sources(ids, 16, probe=4) == pairs  # the probe is capped at the answer's length
+    near = torch.tensor([0, 7, 8, 9, 6, 2, 7, 8, 9, 1])  # answer [7, 8, 9, 1]; the prompt has [7, 8, 9, 6]
+    assert profiling.copy_sources(near, 6, probe=3) == [(5, 1), (6, 2), (7, 3)]  # 6 != 1: that row copies nothing
+    assert profiling.copy_sources(near, 6, probe=4) == []  # no occurrence of the first 4 answer tokens
+    assert profiling.copy_sources(torch.tensor([1, 2, 3, 4, 5, 6]), 3) == []  # answer [4, 5, 6] not in the prompt
+    assert profiling.copy_sources(ids, len(ids)) == []  # no answer
+
+
+def test_copy_profile_holds_the_attention_on_the_copied_tokens():
+    torch.manual_seed(0)
+    model = MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=512)).double().eval()
+    T, start = 160, 150
+    ids = torch.randint(10, 256, (T,), generator=torch.Generator().manual_seed(1))
+    ids[20:30] = ids[start:T]  # the answer is copied from positions 20..29 (block 0; its rows are in block 2)
+    mask = torch.zeros(T, dtype=torch.bool)
+    mask[start - 1 : T - 1] = True
+    prof = profiling.run(model, [CalibSample(ids, mask, T)], (T,), progress=False)
+    copy = prof.copy[T]  # (L, Hkv, nb, nb)
+    assert copy[..., 2, 0].min() > 0  # every head puts some attention on the sources
+    assert copy.sum() == copy[..., 2, 0].sum()  # ... and the profile holds nothing else
+    # brute force for layer 0: sum over the group's query heads of A[row, source]
+    caps = []
+    for m in profiling.attention_modules(model):
+        m.capture = caps
+    with torch.enable_grad():
+        model(ids[None])
+    q, k = caps[0][0][0], caps[0][1][0]
+    G = q.shape[0] // k.shape[0]
+    want = torch.zeros(k.shape[0], dtype=torch.float64)
+    for h in range(q.shape[0]):
+        A = torch.softmax((q[h] @ k[h // G].T / q.shape[-1] ** 0.5).masked_fill(
+            ~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")), -1)  # fmt: skip
+        want[h // G] += sum(float(A[start - 1 + t, 20 + t]) for t in range(T - start))
+    torch.testing.assert_close(copy[0, :, 2, 0], want)
+
+
+def _profile(copy_head: int, N: int = 256) -> profiling.Profile:
+    """One layer, two KV heads, no gradient influence; ``copy_head`` copies from the first block."""
+    nb = N // 64
+    copy = torch.zeros(1, 2, nb, nb, dtype=torch.float64)
+    copy[0, copy_head, nb - 1, 0] = 1.0  # the last rows read block 0
+    copy[0, 1 - copy_head, nb - 1, nb - 1] = 1.0  # the other head reads locally
+    return profiling.Profile((N,), {N: torch.zeros(1, 2, nb, nb, dtype=torch.float64)}, {N: 1}, copy={N: copy})
+
+
+def test_the_copy_weight_keeps_the_copying_head_full():
+    rules = [DENSE, HeadRule(0, 64.0, 0.0)]  # full, or a 64-token window (drops block 0 for the last rows)
+    for head in (0, 1):
+        plan = optimize(_profile(head), 0.7, rules=rules, copy_weight=1.0)
+        assert plan.layers[0][head] == DENSE and plan.layers[0][1 - head] == rules[1]
+
+
+def test_validation_prefers_retrieval_hits_over_answer_loss(monkeypatch):
+    torch.manual_seed(0)
+    model = MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=512)).float().eval()
+    ids = torch.randint(0, 256, (128,), generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(128, dtype=torch.bool)
+    mask[-5:-1] = True
+    val = [CalibSample(ids, mask, 128, own=True, source=object())]
+    sparse = Plan.uniform(model.cfg.num_layers, model.cfg.num_kv_heads, 0.5, 128, 4)
+    dense = Plan.dense(model.cfg.num_layers, model.cfg.num_kv_heads)
+    applied = []
+    monkeypatch.setattr("mixattn.compress.apply.apply_plan", lambda m, p: applied.append(p))
+    monkeypatch.setattr("mixattn.compress.apply.remove_plan", lambda m: None)
+    monkeypatch.setattr("mixattn.eval.retrieval.score", lambda m, tok, s: {"hit": applied[-1] is sparse})
+    chosen, losses, hits = select_by_validation(model, [dense, sparse], val, tok=object())
+    assert chosen is sparse and hits == [0, 1]
+    chosen, losses, hits = select_by_validation(model, [dense, sparse], val)  # no tokenizer: loss only
+    assert hits == [0, 0] and chosen is [dense, sparse][min(range(2), key=losses.__getitem__)]
+
+
+def test_loss_matrix_copy_term_is_scaled_per_length():
+    prof = _profile(0)
+    rules = [DENSE, HeadRule(0, 64.0, 0.0)]
+    base = optimize_mod.loss_matrix(prof, rules)
+    both = optimize_mod.loss_matrix(prof, rules, copy_weight=2.0)
+    assert (base == 0).all()  # no influence at all
+    # head 0's window drops its whole copy mass (mean head total is 1, so that mass scales to 1) x weight 2
+    assert both[0, 1] == 2.0 and both[1, 1] == 0.0 and (both[:, 0] == 0).all()
