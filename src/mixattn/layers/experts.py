@@ -68,7 +68,12 @@ class ExpertLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x_MI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return kernels.get("grouped_linear", self.impl)(x_MI, self.weight, counts_E)
+        # Under expert parallelism (mixattn.parallel) the weight is a DTensor sharded on dim 0 and
+        # x_MI holds the rows of this rank's experts only: jagged per-expert counts are not
+        # expressible as DTensors, so the kernel runs on the local shard (as torchtitan does). Duck-typed
+        # so that importing the layers never loads torch.distributed.
+        w = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
+        return kernels.get("grouped_linear", self.impl)(x_MI, w, counts_E)
 
     def extra_repr(self) -> str:
         E, O, I = self.weight.shape

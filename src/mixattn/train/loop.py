@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..models.decoder import MixtureLM, count_parameters
 from ..paths import write_json
 from .data import TokenData
 from .safety import NonFiniteLoss, Terminated, check_data, keep_metrics_until, raise_for, stop_at_step_end
+from .world import SingleProcess
 
 __all__ = ["NonFiniteLoss", "Terminated", "TrainConfig", "check_data", "evaluate", "lr_at", "train"]
 
@@ -84,21 +86,23 @@ def _optimizer(model: MixtureLM, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def evaluate(model: MixtureLM, data: TokenData, cfg: TrainConfig) -> dict:
-    """Validation loss on fixed batches, MaxVio per router, and each router's top-1 on the first batch."""
+def evaluate(model: MixtureLM, data: TokenData, cfg: TrainConfig, world=None) -> dict:
+    """Validation loss on fixed batches, MaxVio per router, and each router's top-1 on the first batch
+    (this process's rows of it when ``world`` splits batches between processes)."""
+    world = world or SingleProcess()
     was_training = model.training
     model.eval()
     losses, counts, top1 = [], {}, {}
     for i in range(cfg.eval_batches):
-        x, y = data.batch("val", i, cfg.batch_size, cfg.seq_len, cfg.seed)
+        x, y = (world.local_rows(t) for t in data.batch("val", i, cfg.batch_size, cfg.seq_len, cfg.seed))
         out = model(x)
-        losses.append(float(F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())))
+        losses.append(world.mean(float(F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten()))))
         for name, r in out.routers:
             counts[name] = counts.get(name, 0) + r.counts()
             if i == 0:
                 top1[name] = r.indices[:, 0].clone()
     model.train(was_training)
-    vio = {n: max_vio(c) for n, c in counts.items()}
+    vio = {n: max_vio(world.sum(c)) for n, c in counts.items()}
     return {"val_loss": sum(losses) / len(losses), "max_vio": vio, "top1": top1}
 
 
@@ -111,6 +115,7 @@ class _Run:
     cfg: TrainConfig
     ckpt_dir: Path
     tokenizer: object = None
+    world: object = field(default_factory=SingleProcess)  # the processes this run spans (train.world)
     step: int = 0
     prev_top1: dict | None = None
     tok_time: list = field(default_factory=lambda: [0, 0.0])  # tokens seen, seconds spent
@@ -137,14 +142,15 @@ class _Run:
 
 def _step(run: _Run, data: TokenData, buffer, biased: set, log) -> tuple[float, float]:
     """One optimizer step over ``grad_accum`` micro-batches; returns (cross-entropy, aux loss)."""
-    cfg, model, opt = run.cfg, run.model, run.opt
+    cfg, model, opt, world = run.cfg, run.model, run.opt, run.world
     t0 = time.perf_counter()
     for g in opt.param_groups:
         g["lr"] = lr_at(run.step, cfg)
     counts: dict[str, torch.Tensor] = {}
     total = aux_total = 0.0
     for micro in range(cfg.grad_accum):
-        x, y = data.batch("train", run.step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
+        batch = data.batch("train", run.step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
+        x, y = (world.local_rows(t) for t in batch)
         out = model(x, balance_buffer=buffer)
         ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
         ((ce + out.aux_loss) / cfg.grad_accum).backward()
@@ -152,7 +158,8 @@ def _step(run: _Run, data: TokenData, buffer, biased: set, log) -> tuple[float, 
         aux_total += float(out.aux_loss.detach()) / cfg.grad_accum
         for name, r in out.routers:
             counts[name] = counts.get(name, 0) + r.counts()
-    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    total, aux_total = world.mean(total), world.mean(aux_total)  # every rank takes the same decision below
+    norm = world.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     finite = math.isfinite(total) and math.isfinite(aux_total) and math.isfinite(norm)
     if finite:
         opt.step()
@@ -167,7 +174,7 @@ def _step(run: _Run, data: TokenData, buffer, biased: set, log) -> tuple[float, 
         buffer.reset()
     for name in counts if finite else ():  # DeepSeek-V3 aux-loss-free bias, once per optimizer step
         if f"{name}.router" in biased:
-            model.router(name).update_bias(counts[name])
+            model.router(name).update_bias(world.sum(counts[name]))  # global counts: every rank's bias agrees
     run.step += 1
     run.tok_time[0] += cfg.batch_size * cfg.seq_len * cfg.grad_accum
     run.tok_time[1] += time.perf_counter() - t0
@@ -176,7 +183,7 @@ def _step(run: _Run, data: TokenData, buffer, biased: set, log) -> tuple[float, 
 
 def _validate(run: _Run, data: TokenData) -> dict:
     """Validation loss, mean MaxVio and routing fluctuation since the previous validation."""
-    ev = evaluate(run.model, data, run.cfg)
+    ev = evaluate(run.model, data, run.cfg, run.world)
     fluct = None
     if run.prev_top1 is not None and ev["top1"]:
         fluct = sum(routing_fluctuation(run.prev_top1[n], ev["top1"][n]) for n in ev["top1"]) / len(ev["top1"])
@@ -194,6 +201,7 @@ def train(
     stop_at: int | None = None,
     progress: bool = True,
     tokenizer=None,
+    world=None,
 ) -> dict:
     """Train ``model`` in place; checkpoints and metrics go to ``out_dir``.
 
@@ -201,6 +209,9 @@ def train(
         resume: continue from ``out_dir/checkpoint`` (same step, same data order, same optimizer state).
         stop_at: stop (and checkpoint) after this many steps, as if interrupted.
         tokenizer: saved with every checkpoint (HF tokenizers; byte-level models need none).
+        world: the processes the run spans (``train.world.SingleProcess`` by default; ``mixattn.parallel``
+            gives a multi-process one, with ``model`` already sharded). ``cfg.batch_size`` is the
+            global batch, split between processes.
     Returns a summary dict (final validation loss, tokens/s, parameters, routing statistics).
 
     Ctrl-C and SIGTERM finish the current step, save a checkpoint and raise ``KeyboardInterrupt`` or
@@ -213,10 +224,12 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    run = _Run(model, _optimizer(model, cfg), cfg, out_dir / "checkpoint", tokenizer)
+    world = world or SingleProcess()
+    run = _Run(model, _optimizer(model, cfg), cfg, out_dir / "checkpoint", tokenizer, world)
     if resume:
-        run.restore()
-        keep_metrics_until(out_dir / "metrics.jsonl", run.step)
+        world.restore(run)
+        if world.is_main:
+            keep_metrics_until(out_dir / "metrics.jsonl", run.step)
     buffer = BalanceBuffer() if model.cfg.balance == "global" else None
     biased = {n for n, m in model.named_modules() if getattr(m, "selection_bias", None) is not None}
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
@@ -226,10 +239,12 @@ def train(
     with stop_at_step_end() as stop, (out_dir / "metrics.jsonl").open("a") as f:
 
         def log(row: dict):  # flushed at once: a killed run's log ends at its last finished step
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+            if world.is_main:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
 
-        with tqdm(total=cfg.steps, initial=run.step, desc="train", unit="step", disable=not progress) as bar:
+        with tqdm(total=cfg.steps, initial=run.step, desc="train", unit="step", disable=not (progress and world.is_main)) as bar:
+            say = bar.write if world.is_main else (lambda _line: None)  # one copy of each message, from rank 0
             while run.step < end:
                 loss, aux = _step(run, data, buffer, biased, log)
                 bar.update(1)
@@ -240,15 +255,16 @@ def train(
                 if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
                     summary = _validate(run, data)
                     log(summary)
-                    bar.write(f"step {run.step}: val_loss {summary['val_loss']:.4f}")
-                    run.save()
-                if stop.signum is not None:
-                    run.save()
-                    bar.write(f"stopped by signal {stop.signum}: checkpoint saved at step {run.step}; continue with --resume")
-                    raise_for(stop.signum)
+                    say(f"step {run.step}: val_loss {summary['val_loss']:.4f}")
+                    world.save(run)
+                if world.any(stop.signum is not None):  # one rank's signal stops every rank at this step
+                    world.save(run)
+                    say(f"stopped by signal {stop.signum}: checkpoint saved at step {run.step}; continue with --resume")
+                    raise_for(stop.signum or signal.SIGTERM)
     if stop_at is not None and run.step < cfg.steps:
-        run.save()
+        world.save(run)
     total_params, active_params = count_parameters(model)
     summary.update(tok_s=run.tokens_per_s, params=total_params, active_params=active_params)
-    write_json(out_dir / "summary.json", summary)
+    if world.is_main:
+        write_json(out_dir / "summary.json", summary)
     return summary
