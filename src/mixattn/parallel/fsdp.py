@@ -60,7 +60,8 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, experts: list[ExpertLinear], precis
     for linear in experts:
         fully_shard(linear, mesh=mesh.dp, mp_policy=mp)
         linear.set_gradient_divide_factor(float(mesh.world_size))
-        linear.set_force_sum_reduction_for_comms(True)  # sum, then divide: gloo has no PREMUL_SUM
+        if mesh.dp_size > 1:  # sum, then divide: gloo has no PREMUL_SUM. (On one rank FSDP skips the
+            linear.set_force_sum_reduction_for_comms(True)  # collective and would divide twice, torch 2.13.)
     for block in model.layers:
         fully_shard(block, mesh=mesh.world, mp_policy=mp)
     if not model.cfg.tie_embeddings:  # a tied embedding is also the lm_head: it stays with the root

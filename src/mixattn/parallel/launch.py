@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import datetime
+import io
 import multiprocessing
 import os
 import sys
@@ -133,7 +134,9 @@ def _spawned(rank: int, nproc: int, store_file: str, timeout_s: float, fn, args:
         with session.guard():
             out = fn(session, *args)
             shutdown()
-        results.put((rank, True, out))
+        buf = io.BytesIO()  # tensors as bytes: the queue would share their storage with a process that is about to exit
+        torch.save(out, buf)
+        results.put((rank, True, buf.getvalue()))
     except BaseException as e:
         results.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         raise SystemExit(1) from None
@@ -183,4 +186,4 @@ def spawn(fn, nproc: int, *args, timeout_s: float = 120.0) -> list:
     errors.update({r: f"exited with code {p.exitcode} without a result" for r, p in enumerate(procs) if r not in got})
     if errors:
         raise WorkerFailed(errors)
-    return [got[r][1] for r in range(nproc)]
+    return [torch.load(io.BytesIO(got[r][1]), weights_only=False) for r in range(nproc)]

@@ -32,6 +32,11 @@ class Distributed:
         b = B // W
         return t[self.rank * b : (self.rank + 1) * b]
 
+    def all_rows(self, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().clone()
         dist.all_reduce(t)

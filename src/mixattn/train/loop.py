@@ -100,7 +100,7 @@ def evaluate(model: MixtureLM, data: TokenData, cfg: TrainConfig, world=None) ->
         for name, r in out.routers:
             counts[name] = counts.get(name, 0) + r.counts()
             if i == 0:
-                top1[name] = r.indices[:, 0].clone()
+                top1[name] = world.all_rows(r.indices[:, 0])  # the whole batch's: comparable across world sizes
     model.train(was_training)
     vio = {n: max_vio(world.sum(c)) for n, c in counts.items()}
     return {"val_loss": sum(losses) / len(losses), "max_vio": vio, "top1": top1}

@@ -21,6 +21,10 @@ class SingleProcess:
         """This process's rows of a global batch (B, ...) -> (B / world_size, ...)."""
         return t
 
+    def all_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``local_rows``: every process's rows, concatenated in batch order."""
+        return t.clone()
+
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of ``t`` over processes (expert counts for the aux-loss-free bias, statistics)."""
         return t
