@@ -83,7 +83,7 @@ def test_validation_prefers_retrieval_hits_over_answer_loss(monkeypatch):
     applied = []
     monkeypatch.setattr("mixattn.compress.apply.apply_plan", lambda m, p: applied.append(p))
     monkeypatch.setattr("mixattn.compress.apply.remove_plan", lambda m: None)
-    monkeypatch.setattr("mixattn.eval.retrieval.score", lambda m, tok, s: {"hit": applied[-1] is sparse})
+    monkeypatch.setattr("mixattn.compress.calibration.retrieves", lambda m, tok, s: applied[-1] is sparse)
     chosen, losses, hits = select_by_validation(model, [dense, sparse], val, tok=object())
     assert chosen is sparse and hits == [0, 1]
     chosen, losses, hits = select_by_validation(model, [dense, sparse], val)  # no tokenizer: loss only

@@ -41,15 +41,30 @@ def gold(sample: tasks.Sample) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def answer(model, tok, sample: tasks.Sample, answer_tokens: int) -> tuple[torch.Tensor, int, bool]:
-    """(ids (T,), first answer position, own): the model's greedy answer if it contains every gold
-    answer string, else the gold answer. Generation stops at EOS (the EOS itself is not kept)."""
+def greedy_answer(model, tok, prompt_ids, answer_tokens: int = 16) -> torch.Tensor:
+    """(n,) the model's greedy continuation of ``prompt_ids``, n <= ``answer_tokens``, cut at EOS (the
+    reference length a plan sees is prompt + ``answer_tokens``, as in evaluation)."""
     eos = getattr(tok, "eos_token_id", None)
-    prompt = torch.tensor(sample.prompt_ids)
+    prompt = torch.tensor(prompt_ids)
     gen = model.generate(prompt[None], answer_tokens, stop_tokens=(eos,) if eos is not None else ())[0, len(prompt) :]
     if eos is not None:
         hit_eos = (gen == eos).nonzero()
         gen = gen[: int(hit_eos[0])] if len(hit_eos) else gen
+    return gen
+
+
+def retrieves(model, tok, sample: tasks.Sample, answer_tokens: int = 16) -> bool:
+    """True iff the greedy answer contains every gold answer string (RULER's scoring)."""
+    gen = greedy_answer(model, tok, sample.prompt_ids, answer_tokens)
+    return bool(len(gen)) and is_hit(tok.decode(gen.tolist()), sample.answers)
+
+
+@torch.no_grad()
+def answer(model, tok, sample: tasks.Sample, answer_tokens: int) -> tuple[torch.Tensor, int, bool]:
+    """(ids (T,), first answer position, own): the model's greedy answer if it contains every gold
+    answer string, else the gold answer. Generation stops at EOS (the EOS itself is not kept)."""
+    prompt = torch.tensor(sample.prompt_ids)
+    gen = greedy_answer(model, tok, sample.prompt_ids, answer_tokens)
     if len(gen) and is_hit(tok.decode(gen.tolist()), sample.answers):
         return torch.cat([prompt, gen]), len(prompt), True
     ids, start = gold(sample)

@@ -135,8 +135,8 @@ def select_by_validation(model, plans, samples, tok=None) -> tuple[Plan, list[fl
     retrieval: greedy generation (RULER scoring) on the samples the dense model answered right
     itself (``own``), the ones there is something to keep. Ties, and runs without ``tok``, go to
     the lower mean answer loss."""
-    from ..eval.retrieval import score
     from .apply import apply_plan, remove_plan
+    from .calibration import retrieves
 
     keep = [s for s in samples if tok is not None and s.own and s.source is not None]
     losses, hits = [], []
@@ -149,7 +149,7 @@ def select_by_validation(model, plans, samples, tok=None) -> tuple[Plan, list[fl
                 m = s.answer_mask[:-1]
                 total += float(torch.nn.functional.cross_entropy(logits[m].float(), s.ids[1:][m]))
             losses.append(total / len(samples))
-            hits.append(sum(score(model, tok, s.source)["hit"] for s in keep))
+            hits.append(sum(retrieves(model, tok, s.source) for s in keep))
         finally:
             remove_plan(model)
     best = min(range(len(plans)), key=lambda i: (-hits[i], losses[i]))
