@@ -145,7 +145,8 @@ def write(results: dict, out: Path, pairs=None, verdicts=None, header: str = "")
     if verdicts:
         parts += ["## Verdicts", "\n".join(f"- {v}" for v in verdicts)]
     text = "\n\n".join(parts) + "\n"
-    write_json(out / "results.json", _jsonable(results), indent=1)
+    saved = dict(results, pairs=[list(p) for p in pairs], verdicts=list(verdicts or []))  # tables.py renders from it
+    write_json(out / "results.json", _jsonable(saved), indent=1)
     write_text(out / "results.md", text)
     if results["retrieval"]:
         from .plots import plot_accuracy, plot_heatmap
