@@ -228,7 +228,7 @@ def _train_rank(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from ..train.compare import compare
+    from ..eval.compare import compare
     from ..train.data import load_corpus
 
     tcfg = _train_config(_train_settings(a))

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from ..eval.report import markdown_table, plot_curves, read_metrics
 from ..models.config import apply_overrides, from_name
 from ..models.decoder import MixtureLM
 from ..paths import write_json, write_text
-from .data import TokenData
-from .loop import TrainConfig, train
+from ..train.data import TokenData
+from ..train.loop import TrainConfig, train
+from .report import markdown_table, plot_curves, read_metrics
 
 COLUMNS = [
     ("label", "variant"),
