@@ -36,15 +36,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # group -> the modules (files under src/mixattn) it mutates; mirrors [tool.mutmut] only_mutate.
-GROUPS = {
-    "kernels": ["kernels/reference.py", "kernels/sparse.py", "kernels/grouped.py", "kernels/head_sparse.py"],
+GROUPS = {  # run in this order; the kernels last (their flex mutants compile, the slowest to test)
     "routers-losses": ["layers/routers.py", "layers/losses.py"],
+    "gguf": ["models/hf/gguf.py"],
     "plan": ["compress/plan.py"],
     "optimize": ["compress/optimize.py"],
     "calibration-profile": ["compress/calibration.py", "compress/profile.py"],
-    "eval": ["eval/tasks.py", "eval/retrieval.py", "eval/perplexity.py"],
-    "gguf": ["models/hf/gguf.py"],
     "resume": ["models/checkpoint.py", "train/loop.py"],
+    "eval": ["eval/tasks.py", "eval/retrieval.py", "eval/perplexity.py"],
+    "kernels": ["kernels/reference.py", "kernels/sparse.py", "kernels/grouped.py", "kernels/head_sparse.py"],
 }
 
 DECORATORS_OK = ("register(", "torch.no_grad()", "functools.cache", "_per_sample")
@@ -170,9 +170,18 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=sorted(GROUPS), help="module groups to run (default all)")
     ap.add_argument("--survivors", action="store_true", help="list the mutants not killed")
     ap.add_argument("--report-only", action="store_true", help="print the scores of the last run")
+    ap.add_argument("--retry", action="store_true", help="rerun only the mutants the last run did not kill (after adding tests)")
+    ap.add_argument("--show", nargs="*", default=None, help="print the diff of these mutants (or of every survivor) and exit")
     a = ap.parse_args()
     groups = a.only or list(GROUPS)
     os.chdir(ROOT)
+    if a.show is not None:
+        names = a.show or [line.split()[-1] for g in groups for line in survivors(GROUPS[g])]
+        for name in names:
+            out = subprocess.run([sys.executable, __file__, "--mutmut", "show", name], capture_output=True, text=True).stdout
+            diff = [x for x in out.splitlines() if x[:1] in "+-" and x[:3] not in ("+++", "---")]
+            print(name + "\n" + "\n".join("    " + x for x in diff))
+        return
     if not a.report_only:
         if a.fresh:
             shutil.rmtree(ROOT / "mutants", ignore_errors=True)
@@ -180,6 +189,10 @@ def main() -> None:
         t0 = time.time()
         for g in groups:
             pats = [f"mixattn.{m[:-3].replace('/', '.')}.*" for m in GROUPS[g]]
+            if a.retry:
+                pats = [line.split()[-1] for line in survivors(GROUPS[g])]
+                if not pats:
+                    continue
             print(f"== {g}: {' '.join(pats)}", flush=True)
             t = time.time()
             log = ROOT / "mutants" / f"log-{g}.txt"
