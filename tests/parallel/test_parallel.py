@@ -49,8 +49,8 @@ def reference_forward_backward():
         ce = F.cross_entropy(o.logits.flatten(0, 1), y.flatten())
         ((ce + o.aux_loss) / 2).backward()
         out["logits"].append(o.logits.detach())
-        out["ce"].append(float(ce))
-        out["aux"].append(float(o.aux_loss))
+        out["ce"].append(float(ce.detach()))
+        out["aux"].append(float(o.aux_loss.detach()))
     out["grads"] = {n: p.grad for n, p in model.named_parameters()}
     return out
 
