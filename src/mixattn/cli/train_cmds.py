@@ -198,13 +198,12 @@ def _train_rank(a) -> int:
     with FSDP2, each rank reading an equal share of every batch; rank 0 owns the run folder."""
     from contextlib import nullcontext
 
-    import torch
     import torch.distributed as dist
 
     from ..parallel import Distributed, init_distributed, make_mesh, parallelize, shutdown
     from ..train.loop import train
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cpu"  # where the training loop runs, as in a single process: gloo
     session = init_distributed(device)
     if a.nproc is not None and a.nproc != session.world_size:
         raise ValueError(f"--nproc {a.nproc} but the launcher started {session.world_size} processes")

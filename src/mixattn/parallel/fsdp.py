@@ -94,7 +94,8 @@ def clip_grad_norm_(params, max_norm: float) -> float:
     """
     grads = [p.grad for p in params if p.grad is not None]
     local = [local_part(g) for g in grads]
-    sq = torch.zeros((), dtype=torch.float32, device=local[0].device if local else "cpu")
+    device = local[0].device if local else ("cuda" if dist.get_backend() == "nccl" else "cpu")  # a rank may hold no grads
+    sq = torch.zeros((), dtype=torch.float32, device=device)
     for g in local:
         sq += g.float().square().sum()
     dist.all_reduce(sq)

@@ -33,14 +33,15 @@ class Distributed:
         return t[self.rank * b : (self.rank + 1) * b]
 
     def all_rows(self, t: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        local = t.detach().to(self.mesh.device).contiguous()  # nccl moves CUDA tensors only, gloo CPU ones
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).to(t.device)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().clone()
-        dist.all_reduce(t)
-        return t
+        total = t.detach().to(self.mesh.device, copy=True)
+        dist.all_reduce(total)
+        return total.to(t.device)
 
     def mean(self, x: float) -> float:
         return float(self.sum(torch.tensor(float(x), dtype=torch.float64))) / self.world_size
