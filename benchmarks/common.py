@@ -21,6 +21,15 @@ def stamp(dtype=torch.float32) -> str:
     )
 
 
+def cpu_model() -> str:
+    """``lscpu``'s model name: which CPU a table was measured on (kernels rank differently per CPU)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def timeit(fn, repeats: int = 3, warmup: int = 1) -> float:
     """Minimum wall time of ``fn()`` in seconds (min is the least noisy estimator on shared machines)."""
     for _ in range(warmup):

