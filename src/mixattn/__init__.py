@@ -11,10 +11,10 @@ Public API:
 """
 
 from .compress import Plan, apply_plan, remove_plan
+from .data import ByteTokenizer, load_corpus
 from .integrations import hf  # mixattn.hf.apply_plan / remove_plan / SparseCache on transformers models (lazy)
 from .models import PRESETS, MixtureConfig, MixtureLM, ModelOutput, count_parameters, from_name, pad_left
 from .models.checkpoint import save
-from .train.data import ByteTokenizer, load_corpus
 from .train.loop import TrainConfig, train
 
 __version__ = "0.1.0"

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..data import load_corpus
 from ..eval import tasks
 from ..eval.retrieval import is_hit
-from ..train.data import load_corpus
 
 CALIB_TASKS = ("passkey", "multikey", "lines", "passage")
 

@@ -201,7 +201,7 @@ def duo_window(density: float, length: int, sink: int = 64, window: int = 256) -
 
 def mass_scores(model, tok) -> list:
     """DuoAttention/RazorAttention-style head scores: attention mass outside sink + local window."""
-    from ..eval.perplexity import corpus_tokens
+    from ..data import corpus_tokens
 
     return profiling.mass_outside_scores(model, corpus_tokens("shakespeare", tok, min(model.cfg.max_seq_len, 2048))).tolist()
 

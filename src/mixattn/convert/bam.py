@@ -95,7 +95,7 @@ def branch(model: MixtureLM, corpora: list[str], train_cfg, out_dir: str | Path,
 
     Returns the list of fine-tuned models; each run (checkpoint, metrics) lives in out_dir/branch-<i>.
     """
-    from ..train.data import load_corpus
+    from ..data import load_corpus
     from ..train.loop import train
 
     out = []

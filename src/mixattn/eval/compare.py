@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ..data import TokenData
 from ..models.config import apply_overrides, from_name
 from ..models.decoder import MixtureLM
 from ..paths import write_json, write_text
-from ..train.data import TokenData
 from ..train.loop import TrainConfig, train
 from .report import markdown_table, plot_curves, read_metrics
 

@@ -61,13 +61,3 @@ def window_nlls(model, ids: torch.Tensor, length: int, windows: int) -> dict:
     return {"length": length, "windows": windows, "nll": nlls, "ppl": math.exp(mean),
             "ppl_lo": math.exp(mean - half), "ppl_hi": math.exp(mean + half)}  # fmt: skip
 
-
-def corpus_tokens(corpus: str, tokenizer, n_tokens: int, split: str = "val") -> torch.Tensor:
-    """The first ``n_tokens`` of a corpus split (validation by default: held out from training)."""
-    from ..train.data import load_corpus
-
-    data = load_corpus(corpus, tokenizer=tokenizer)
-    stream = data.val if split == "val" else data.train
-    if len(stream) < n_tokens:
-        raise ValueError(f"corpus {corpus} {split} split has {len(stream)} tokens, fewer than {n_tokens}")
-    return torch.from_numpy(stream[:n_tokens].astype("int64"))

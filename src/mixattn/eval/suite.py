@@ -63,7 +63,7 @@ def prompt_length(model, task: str, length: int) -> int:
 def build_prompts(model, tok, task_names, lengths, depths, samples: int, haystack_corpus="shakespeare",
                   seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
     """{(task, length, depth, index): Sample}; each prompt with its own seed."""
-    from ..train.data import load_corpus
+    from ..data import load_corpus
 
     hay = load_corpus(haystack_corpus, tokenizer=tok).val
     items = [(t, N, d, i) for t in task_names if t in tasks.TASKS for N in lengths for d in depths for i in range(samples)]
@@ -102,7 +102,7 @@ def evaluate(model, tok, plans: dict, task_names, lengths, depths, samples: int 
                     "prompt_len": s.length, "density": density(plan_at(plan, N), r["ref_len"]), **r,
                 })  # fmt: skip
         if "ppl" in task_names:
-            from .perplexity import corpus_tokens
+            from ..data import corpus_tokens
 
             stream = corpus_tokens(ppl_corpus, tok, max(ppl_lengths) * ppl_windows + 1)
             results["ppl"][label] = {}

@@ -1,1 +1,1 @@
-"""Training: the one loop (loop.train), its safety net (safety), corpora and batches (data), and side-by-side runs (compare)."""
+"""Training: the one loop (loop.train) and its safety net (safety); corpora and batches live in ``mixattn.data``."""
