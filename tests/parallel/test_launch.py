@@ -24,11 +24,13 @@ def _train(args: list[str], tmp_path) -> subprocess.CompletedProcess:
 def common(tmp_path) -> list[str]:
     corpus = tmp_path / "c.txt"
     corpus.write_text("To be, or not to be, that is the question.\n" * 200)
+    # JetMoE gates on the FFN and its norm eps, so that the run can be exported as an HF JetMoe checkpoint
     return ["--preset", "tiny-moa-moe", "--corpus", str(corpus), "--steps", "4", "--batch-size", "4", "--seq-len", "32",
-            "--eval-every", "2", "--eval-batches", "1", "--out", str(tmp_path / "run")]  # fmt: skip
+            "--eval-every", "2", "--eval-batches", "1", "--out", str(tmp_path / "run"),
+            "--set", "moe.router.gate_norm=softmax_topk", "--set", "norm_eps=1e-6"]  # fmt: skip
 
 
-def test_nproc_2_trains_saves_a_consolidated_checkpoint_and_resumes_in_one_process(tmp_path, common, monkeypatch, capsys):
+def test_nproc_2_trains_saves_a_consolidated_checkpoint_exports_and_resumes_in_one_process(tmp_path, common, monkeypatch, capsys):
     done = _train([*common, "--nproc", "2", "--stop-at", "2"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = tmp_path / "run" / "checkpoint"
@@ -37,6 +39,8 @@ def test_nproc_2_trains_saves_a_consolidated_checkpoint_and_resumes_in_one_proce
     assert [r["step"] for r in rows if "val_loss" in r] == [2]  # one writer: rank 0
     model = mixattn.load(str(ckpt))  # what export and generate read
     assert model.layers[0].ffn.input_linear.weight.shape[0] == 4 and torch.isfinite(model.embed.weight).all()
+    assert main(["export", str(ckpt), "--format", "jetmoe", "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
     monkeypatch.setenv("MIXATTN_CACHE", str(tmp_path / "cache"))
     assert main(["train", "--resume", "--out", str(tmp_path / "run")]) == 0  # plain single process
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 4

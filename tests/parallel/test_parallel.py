@@ -107,6 +107,12 @@ def test_ep_fsdp_forward_loss_grads_and_global_balance_equal_single_process(npro
     for name, want in ref["grads"].items():
         # a gradient sums over the B*T tokens of both micro-batches, through the layers
         assert_fp_close(grads[name], want, terms=2 * B * T, chain=2 * workers.CFG.num_layers)
+    # bf16 compute (8 significant bits) through 2 layers, fp32 weights kept: close to fp32, not equal
+    bf16 = torch.cat([r["bf16_logits"] for r in ranks])
+    assert bf16.dtype == torch.bfloat16 and ranks[0]["bf16_weight_dtype"] == torch.float32
+    scale = float(ref["logits"][0].abs().max())
+    torch.testing.assert_close(bf16.float(), ref["logits"][0], atol=0.05 * scale, rtol=0)
+    assert not torch.equal(bf16.float(), ref["logits"][0])
     errors = ranks[0]["errors"]
     assert any("expert-parallel size 3 must be >= 1 and divide the world size" in e for e in errors)
     assert any(f"must be a multiple of the number of processes ({nproc})" in e for e in errors)

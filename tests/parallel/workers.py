@@ -25,11 +25,11 @@ def batch(B: int = 4, T: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.T
     return torch.randint(0, CFG.vocab_size, (B, T), generator=g), torch.randint(0, CFG.vocab_size, (B, T), generator=g)
 
 
-def sharded_model(cfg, ep: int | None = None, seed: int = 0):
+def sharded_model(cfg, ep: int | None = None, seed: int = 0, precision: str = "fp32"):
     torch.manual_seed(seed)  # every rank builds the same full model, then keeps its shards
     model = MixtureLM(cfg)
     mesh = make_mesh(ep)
-    parallelize(model, mesh)
+    parallelize(model, mesh, precision)
     return model, mesh
 
 
@@ -56,6 +56,9 @@ def forward_backward(session, ep: int | None):
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}  # collective on every rank
     out["grads"] = grads if session.is_main else None
     out["mesh"] = (mesh.dp_size, mesh.ep_size)
+    bf16, _ = sharded_model(CFG, ep, precision="bf16")  # FSDP2 mixed precision: bf16 compute, fp32 weights
+    out["bf16_logits"] = bf16(world.local_rows(batch(seed=1)[0])).logits.detach()
+    out["bf16_weight_dtype"] = bf16.layers[0].attn_norm.weight.dtype  # a block reshards after forward: its fp32 shard
     out["errors"] = _bad_input_errors(world)
     return out
 
