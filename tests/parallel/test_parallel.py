@@ -159,3 +159,10 @@ def test_a_failing_rank_ends_the_job_with_its_error_on_rank_0():
     assert "vocab_size" in errors[1]  # rank 1's own error
     # rank 0 was waiting in the expert all-to-all: it names rank 1 and its error, not a bare transport error
     assert errors[0].startswith("RankFailed: rank 1: ValueError: token id 263 >= vocab_size 256"), errors[0]
+
+
+@pytest.mark.slow
+def test_a_rank_that_never_arrives_is_a_timeout_error_not_a_hang():
+    with pytest.raises(WorkerFailed) as info:
+        spawn(workers.hang_on_rank_1, 2, timeout_s=5)  # rank 1 is terminated after 3 x 5 s
+    assert "timed out" in info.value.errors[0].lower(), info.value.errors[0]

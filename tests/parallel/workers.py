@@ -109,3 +109,12 @@ def fail_on_rank_1(session):
         x[0, 0] = CFG.vocab_size + 7
     model(x)
     dist.barrier()
+
+
+def hang_on_rank_1(session):
+    """Rank 1 never reaches the collective rank 0 waits in (a deadlock, a stuck data loader)."""
+    import time
+
+    if session.rank == 1:
+        time.sleep(600)
+    dist.all_reduce(torch.ones(1))
