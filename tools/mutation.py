@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,18 @@ FUNCTIONS_ONLY = {"src/mixattn/train/loop.py": {"restore", "save", "_step"}}
 IMPORT_TIME = {"_per_sample", "register"}
 
 KILLED = {"killed", "timeout", "segfault"}
+
+
+def in_sample(name: str, every: int) -> bool:
+    """A fixed pseudo-random 1/``every`` of the mutants (by a hash of the mutant's name)."""
+    return every <= 1 or zlib.crc32(name.encode()) % every == 0
+
+
+def mutant_names(mod: str, every: int = 1) -> list[str]:
+    meta = ROOT / "mutants" / "src" / "mixattn" / (mod + ".meta")
+    if not meta.exists():
+        return []
+    return [k for k in sorted(json.loads(meta.read_text())["exit_code_by_key"]) if in_sample(k, every)]
 
 
 def _patch_mutmut() -> None:
@@ -110,7 +123,7 @@ def _run_mutmut(args: list[str]) -> None:
     cli()
 
 
-def results() -> dict[str, dict[str, int]]:
+def results(every: int = 1) -> dict[str, dict[str, int]]:
     from mutmut.stats import status_by_exit_code
 
     out = {}
@@ -119,14 +132,15 @@ def results() -> dict[str, dict[str, int]]:
             meta = ROOT / "mutants" / "src" / "mixattn" / (mod + ".meta")
             counts: dict[str, int] = {}
             if meta.exists():
-                for code in json.loads(meta.read_text())["exit_code_by_key"].values():
-                    s = status_by_exit_code[code]
-                    counts[s] = counts.get(s, 0) + 1
+                for key, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+                    if in_sample(key, every):
+                        s = status_by_exit_code[code]
+                        counts[s] = counts.get(s, 0) + 1
             out[mod] = counts
     return out
 
 
-def survivors(mods: list[str]) -> list[str]:
+def survivors(mods: list[str], every: int = 1) -> list[str]:
     from mutmut.stats import status_by_exit_code
 
     names = []
@@ -134,13 +148,13 @@ def survivors(mods: list[str]) -> list[str]:
         meta = ROOT / "mutants" / "src" / "mixattn" / (mod + ".meta")
         if meta.exists():
             for key, code in sorted(json.loads(meta.read_text())["exit_code_by_key"].items()):
-                if status_by_exit_code[code] not in KILLED:
+                if in_sample(key, every) and status_by_exit_code[code] not in KILLED:
                     names.append(f"{status_by_exit_code[code]:>10}  {key}")
     return names
 
 
-def report(groups: list[str], show_survivors: bool) -> None:
-    res = results()
+def report(groups: list[str], show_survivors: bool, every: int = 1) -> None:
+    res = results(every)
     tk = tt = 0
     for g in groups:
         for mod in GROUPS[g]:
@@ -154,9 +168,10 @@ def report(groups: list[str], show_survivors: bool) -> None:
     if show_survivors:
         print("survivors:")
         for g in groups:
-            for line in survivors(GROUPS[g]):
+            for line in survivors(GROUPS[g], every):
                 print("  " + line)
-    print(f"mutation score: {100 * tk / max(tt, 1):.1f}% ({tk}/{tt})")
+    sample = f", a fixed 1/{every} sample of the mutants" if every > 1 else ""
+    print(f"mutation score: {100 * tk / max(tt, 1):.1f}% ({tk}/{tt}{sample})")
 
 
 def main() -> None:
@@ -170,13 +185,14 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=sorted(GROUPS), help="module groups to run (default all)")
     ap.add_argument("--survivors", action="store_true", help="list the mutants not killed")
     ap.add_argument("--report-only", action="store_true", help="print the scores of the last run")
+    ap.add_argument("--sample", type=int, default=1, help="test a fixed 1/N of the mutants (by name hash; default all)")
     ap.add_argument("--retry", action="store_true", help="rerun only the mutants the last run did not kill (after adding tests)")
     ap.add_argument("--show", nargs="*", default=None, help="print the diff of these mutants (or of every survivor) and exit")
     a = ap.parse_args()
     groups = a.only or list(GROUPS)
     os.chdir(ROOT)
     if a.show is not None:
-        names = a.show or [line.split()[-1] for g in groups for line in survivors(GROUPS[g])]
+        names = a.show or [line.split()[-1] for g in groups for line in survivors(GROUPS[g], a.sample)]
         for name in names:
             out = subprocess.run([sys.executable, __file__, "--mutmut", "show", name], capture_output=True, text=True).stdout
             diff = [x for x in out.splitlines() if x[:1] in "+-" and x[:3] not in ("+++", "---")]
@@ -189,10 +205,15 @@ def main() -> None:
         t0 = time.time()
         for g in groups:
             pats = [f"mixattn.{m[:-3].replace('/', '.')}.*" for m in GROUPS[g]]
+            if a.sample > 1 and not a.retry:
+                if not any(mutant_names(m) for m in GROUPS[g]):  # mutants not generated yet: generate them
+                    subprocess.call([sys.executable, __file__, "--mutmut", "run", "--max-children", "1", "nothing.matches.*"],
+                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                pats = [n for m in GROUPS[g] for n in mutant_names(m, a.sample)]
             if a.retry:
-                pats = [line.split()[-1] for line in survivors(GROUPS[g])]
-                if not pats:
-                    continue
+                pats = [line.split()[-1] for line in survivors(GROUPS[g], a.sample)]
+            if not pats:
+                continue
             print(f"== {g}: {' '.join(pats)}", flush=True)
             t = time.time()
             log = ROOT / "mutants" / f"log-{g}.txt"
@@ -206,7 +227,7 @@ def main() -> None:
                 )
             print(f"   mutmut exit {rc}, {time.time() - t:.0f} s (log: {log.relative_to(ROOT)})", flush=True)
         print(f"wall time: {time.time() - t0:.0f} s")
-    report(groups, a.survivors)
+    report(groups, a.survivors, a.sample)
 
 
 if __name__ == "__main__":
