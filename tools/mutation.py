@@ -214,7 +214,7 @@ def main() -> None:
                 pats = [line.split()[-1] for line in survivors(GROUPS[g], a.sample)]
             if not pats:
                 continue
-            print(f"== {g}: {' '.join(pats)}", flush=True)
+            print(f"== {g}: {' '.join(pats) if len(pats) <= 4 else f'{len(pats)} mutants'}", flush=True)
             t = time.time()
             log = ROOT / "mutants" / f"log-{g}.txt"
             log.parent.mkdir(exist_ok=True)
