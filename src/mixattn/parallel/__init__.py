@@ -10,14 +10,14 @@ Typical use inside each rank (``mixattn train --nproc N`` does exactly this)::
     train(model, data, tcfg, out, world=Distributed(mesh))
 """
 
-from .expert import CommTimer, ExpertParallel, FFNExpertParallel, expert_major_order
+from .expert import ExpertParallel, FFNExpertParallel, expert_major_order
 from .fsdp import apply_expert_parallel, apply_fsdp, clip_grad_norm_, parallelize
 from .launch import RankFailed, Session, WorkerFailed, init_distributed, shutdown, spawn, torchrun_argv
 from .mesh import Mesh, backend_for, make_mesh
 from .world import Distributed
 
 __all__ = [
-    "CommTimer", "Distributed", "ExpertParallel", "FFNExpertParallel", "Mesh", "RankFailed", "Session",
+    "Distributed", "ExpertParallel", "FFNExpertParallel", "Mesh", "RankFailed", "Session",
     "WorkerFailed", "apply_expert_parallel", "apply_fsdp", "backend_for", "clip_grad_norm_",
     "expert_major_order", "init_distributed", "make_mesh", "parallelize", "shutdown", "spawn", "torchrun_argv",
 ]  # fmt: skip

@@ -27,7 +27,6 @@ experts, R rows received.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -39,18 +38,6 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..layers.experts import ExpertLinear
-
-
-@dataclass
-class CommTimer:
-    """Seconds spent in expert-parallel exchanges (counts + tokens), for benchmarks; reset freely."""
-
-    seconds: float = 0.0
-    calls: int = 0
-
-    def add(self, t0: float) -> None:
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
 
 
 def expert_major_order(counts_SL: torch.Tensor) -> torch.Tensor:
@@ -83,7 +70,6 @@ class _Dispatcher:
     """Token exchange over one ep group (one instance per wrapped layer: it holds the current call's route)."""
 
     mesh: DeviceMesh
-    timer: CommTimer | None = None
     route: _Route | None = field(default=None, repr=False)
 
     def dispatch(self, x_MI: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,15 +79,12 @@ class _Dispatcher:
         E = counts_E.numel()
         if E % ep:
             raise ValueError(f"expert parallelism: {E} experts cannot be split evenly over ep={ep} ranks")
-        t0 = time.perf_counter()
         send_SL = counts_E.to(torch.int64).view(ep, E // ep).contiguous()
         recv_SL = torch.empty_like(send_SL)
         dist.all_to_all_single(recv_SL, send_SL, group=group)  # step 1: counts first
         input_splits, output_splits = send_SL.sum(1).tolist(), recv_SL.sum(1).tolist()  # host sync
         x_RI = funcol.all_to_all_single_autograd(x_MI.contiguous(), output_splits, input_splits, group)
         x_RI = funcol.wait_tensor(x_RI) if isinstance(x_RI, funcol.AsyncCollectiveTensor) else x_RI
-        if self.timer is not None:
-            self.timer.add(t0)
         order = expert_major_order(recv_SL)
         self.route = _Route(input_splits, output_splits, order, recv_SL.sum(0))
         return x_RI[order], self.route.local_counts
@@ -118,12 +101,9 @@ class _Dispatcher:
             raise RuntimeError("expert parallelism: combine without a dispatch")
         inverse = torch.empty_like(route.order)
         inverse[route.order] = torch.arange(route.order.numel(), device=route.order.device)
-        t0 = time.perf_counter()
         y_MO = funcol.all_to_all_single_autograd(y_RO[inverse].contiguous(), route.input_splits, route.output_splits,
                                                  self.mesh.get_group())  # fmt: skip
         y_MO = funcol.wait_tensor(y_MO) if isinstance(y_MO, funcol.AsyncCollectiveTensor) else y_MO
-        if self.timer is not None:
-            self.timer.add(t0)
         return y_MO
 
 
@@ -139,15 +119,11 @@ def _shard_experts(linear: ExpertLinear, mesh: DeviceMesh) -> None:
 class ExpertParallel(ParallelStyle):
     """Shard one ``ExpertLinear`` over the ep mesh and wrap its forward in a dispatch/combine round trip."""
 
-    def __init__(self, timer: CommTimer | None = None):
-        super().__init__()
-        self.timer = timer
-
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, ExpertLinear):
             raise TypeError(f"ExpertParallel applies to ExpertLinear, got {type(module).__name__}")
         _shard_experts(module, device_mesh)
-        d = _Dispatcher(device_mesh, self.timer)
+        d = _Dispatcher(device_mesh)
         module.register_forward_pre_hook(lambda _m, args: d.dispatch(*args))
         module.register_forward_hook(lambda _m, _args, out: d.combine(out))
         return module
@@ -160,9 +136,9 @@ class FFNExpertParallel(ParallelStyle):
     layer exchanges tokens once each way instead of twice.
     """
 
-    def __init__(self, first: str = "input_linear", last: str = "output_linear", timer: CommTimer | None = None):
+    def __init__(self, first: str = "input_linear", last: str = "output_linear"):
         super().__init__()
-        self.first, self.last, self.timer = first, last, timer
+        self.first, self.last = first, last
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         first, last = module.get_submodule(self.first), module.get_submodule(self.last)
@@ -170,7 +146,7 @@ class FFNExpertParallel(ParallelStyle):
             if not isinstance(linear, ExpertLinear):
                 raise TypeError(f"FFNExpertParallel: {type(module).__name__} has no ExpertLinear {self.first}/{self.last}")
             _shard_experts(linear, device_mesh)
-        d = _Dispatcher(device_mesh, self.timer)
+        d = _Dispatcher(device_mesh)
         first.register_forward_pre_hook(lambda _m, args: d.dispatch(*args))
         # the second projection is called with the global counts: hand it the local ones of this call
         last.register_forward_pre_hook(lambda _m, args: (args[0], d.local_counts()))

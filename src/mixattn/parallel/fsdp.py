@@ -23,13 +23,13 @@ from torch.distributed.tensor.parallel import parallelize_module
 from ..layers.experts import ExpertLinear
 from ..layers.moa import MoAAttention
 from ..layers.moe import MoE
-from .expert import CommTimer, ExpertParallel, FFNExpertParallel
+from .expert import ExpertParallel, FFNExpertParallel
 from .mesh import Mesh
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def apply_expert_parallel(model: nn.Module, mesh: Mesh, timer: CommTimer | None = None) -> list[ExpertLinear]:
+def apply_expert_parallel(model: nn.Module, mesh: Mesh) -> list[ExpertLinear]:
     """Apply the expert-parallel styles to every MoE FFN and MoA attention of ``model`` (in place).
 
     Returns the expert projections now sharded over ``mesh.ep``. Raises ValueError when ep does not
@@ -38,9 +38,9 @@ def apply_expert_parallel(model: nn.Module, mesh: Mesh, timer: CommTimer | None 
     sharded = []
     for module in model.modules():
         if isinstance(module, MoE):
-            parallelize_module(module, mesh.ep, FFNExpertParallel(timer=timer))
+            parallelize_module(module, mesh.ep, FFNExpertParallel())
         elif isinstance(module, MoAAttention):
-            parallelize_module(module, mesh.ep, {"input_linear": ExpertParallel(timer), "output_linear": ExpertParallel(timer)})
+            parallelize_module(module, mesh.ep, {"input_linear": ExpertParallel(), "output_linear": ExpertParallel()})
         else:
             continue
         sharded += [module.input_linear, module.output_linear]
@@ -69,13 +69,13 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, experts: list[ExpertLinear], precis
     fully_shard(model, mesh=mesh.world, mp_policy=mp)
 
 
-def parallelize(model: nn.Module, mesh: Mesh, precision: str = "fp32", timer: CommTimer | None = None) -> nn.Module:
+def parallelize(model: nn.Module, mesh: Mesh, precision: str = "fp32") -> nn.Module:
     """Expert parallelism over ``mesh.ep`` and FSDP2 over the rest, in place; returns ``model``.
 
     Every rank must build ``model`` with the same weights (same seed) before calling this: each
     keeps only its shards.
     """
-    experts = apply_expert_parallel(model, mesh, timer)
+    experts = apply_expert_parallel(model, mesh)
     apply_fsdp(model, mesh, experts, precision)
     return model
 

@@ -90,6 +90,8 @@ def init_distributed(
     for processes on one machine)."""
     if timeout_s <= 0:
         raise ValueError(f"collective timeout must be > 0 seconds, got {timeout_s}")
+    if dist.is_initialized():
+        raise RuntimeError("init_distributed: this process already joined a process group")
     timeout = datetime.timedelta(seconds=timeout_s)
     if store_file is not None:
         if rank is None or world_size is None:
@@ -107,8 +109,7 @@ def init_distributed(
                               is_master=rank == 0 and not hosted, timeout=timeout)  # fmt: skip
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    if not dist.is_initialized():
-        dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size, timeout=timeout)
     return Session(store, rank, world_size)
 
 
