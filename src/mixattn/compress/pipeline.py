@@ -62,9 +62,10 @@ def work_dir_for(source, lengths, samples: int, seed: int, corpora, digest: str 
 
 
 def load_model(source):
-    from .. import load, load_tokenizer
+    """(model, tokenizer) of a model source, fp32 (profiling and the MILP need full precision)."""
+    from ..models.hf import load_pretrained, load_tokenizer
 
-    return load(source), load_tokenizer(source)
+    return load_pretrained(source), load_tokenizer(source)
 
 
 def check_args(density, lengths, samples, max_rules_per_layer, validate_length, max_seq_len=None) -> None:
