@@ -87,8 +87,8 @@ def _optimizer(model: MixtureLM, cfg: TrainConfig) -> torch.optim.AdamW:
 
 @torch.no_grad()
 def evaluate(model: MixtureLM, data: TokenData, cfg: TrainConfig, world=None) -> dict:
-    """Validation loss on fixed batches, MaxVio per router, and each router's top-1 on the first batch
-    (this process's rows of it when ``world`` splits batches between processes)."""
+    """Validation loss on fixed batches, MaxVio per router, and each router's top-1 on the first batch;
+    when ``world`` splits batches between processes, all three cover the whole batches."""
     world = world or SingleProcess()
     was_training = model.training
     model.eval()
