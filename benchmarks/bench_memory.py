@@ -52,7 +52,8 @@ def child(a) -> dict:
     model = mixattn.load("smollm2-135m", a.dtype).eval()
     N = a.length + a.new
     if "uniform" in a.case:
-        apply_plan(model, Plan.uniform(30, 3, float(a.case.split()[1].rstrip(",")), N, sink=64), a.impl)
+        density = float(a.case.split("uniform ")[1].split(",")[0])
+        apply_plan(model, Plan.uniform(30, 3, density, N, sink=64), a.impl)
     chunk = a.chunk if "chunked" in a.case else None
     ids = torch.randint(0, model.cfg.vocab_size, (1, a.length), generator=torch.Generator().manual_seed(0))
     if a.case.startswith("calibrate"):  # kernel choices for these shapes land in the on-disk cache

@@ -7,7 +7,8 @@ Prefill = one forward over the prompt that fills the KV cache (ragged under a pl
 logits of the last position only, as ``generate`` does. Cases are interleaved round by round (dense,
 plan 1, plan 2, ...), so load from other jobs hits them alike; the table gives the median of
 ``--repeats`` rounds after one warm-up round (flex compiles, ``auto`` times its candidates, both
-cached). Plans:
+cached). Times are process CPU seconds (with ``--threads 1``: the work done, unaffected by other jobs
+on a shared machine) and wall seconds. Plans:
 
 - uniform d: every KV head sink 64 + an elastic window (StreamingLLM), density d at N;
 - heterogeneous d: per layer the three KV heads keep d/2, d and min(1, 3d/2) (rotating by layer),
@@ -59,12 +60,13 @@ def kept_fraction(plan: Plan, T: int, N: int) -> float:
     return sum(tot) / len(tot) / (T * (T + 1) / 2)
 
 
-def prefill(model, ids, N):
+def prefill(model, ids, N) -> tuple[float, float]:
+    """(wall s, process CPU s) of one prefill."""
     cache = model.new_cache(N)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     with torch.no_grad():
         model(ids, cache, ref_len=N, logits_to_keep=1)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def attention_share(model, ids, N) -> float:
@@ -124,22 +126,23 @@ def main():
                 if plan is not None:
                     apply_plan(model, plan, impl)
                 t = prefill(model, ids, N)
-                print(f"T={T} round {r} {name}: {t:.2f} s", file=sys.stderr, flush=True)
+                print(f"T={T} round {r} {name}: wall {t[0]:.2f} s, CPU {t[1]:.2f} s", file=sys.stderr, flush=True)
                 if r:
                     times[name].append(t)
         share = attention_share(model, ids, N)
-        dense = statistics.median(times["dense"])
+        med = {n: [statistics.median(t[i] for t in ts) for i in (0, 1)] for n, ts in times.items()}
         for name, plan, _ in cases:
-            med = statistics.median(times[name])
             kept = 1.0 if plan is None else kept_fraction(plan, T, N)
             bound = 1 / (1 - share + share * kept)
-            rows.append([T, name, f"{kept:.3f}", f"{med:.2f}", " / ".join(f"{t:.2f}" for t in times[name]),
-                         f"**{dense / med:.2f}x**", f"{bound:.2f}x"])  # fmt: skip
-        rows.append([T, f"(dense attention share {share:.0%})", "", "", "", "", ""])
+            (w, c), (dw, dc) = med[name], med["dense"]
+            rows.append([T, name, f"{kept:.3f}", f"{c:.2f}", " / ".join(f"{t[1]:.2f}" for t in times[name]),
+                         f"**{dc / c:.2f}x**", f"{w:.2f}", f"{dw / w:.2f}x", f"{bound:.2f}x"])  # fmt: skip
+        rows.append([T, f"(dense attention share {share:.0%})", "", "", "", "", "", "", ""])
         if a.profile:
             for name, plan, impl in cases[:2]:
                 print(f"\n### profile T={T} {name}\n\n```\n{profile_table(model, ids, N, plan, impl)}\n```")
-    print(table(rows, ["T", "plan [kernel]", "kept pairs", "median s", "runs s", "vs dense", "work bound"]))
+    print(table(rows, ["T", "plan [kernel]", "kept pairs", "median CPU s", "runs CPU s", "vs dense (CPU)",
+                       "median wall s", "vs dense (wall)", "work bound"]))  # fmt: skip
 
 
 if __name__ == "__main__":

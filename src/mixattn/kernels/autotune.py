@@ -78,13 +78,18 @@ def enabled() -> bool:
     return os.environ.get("MIXATTN_AUTOTUNE", "1") != "0"
 
 
-def _time(fn: Callable[[], object], sync: Callable[[], None]) -> float:
-    fn()  # warm-up: compilation, allocator, caches
-    sync()
-    t = time.perf_counter()
+def _time(fn: Callable[[], object], cuda: bool) -> float:
+    """Seconds of one call after a warm-up (compilation, allocator, caches). On a CPU this is the
+    process's CPU time: wall time on a machine shared with other jobs mostly measures the other jobs."""
+    clock = time.perf_counter if cuda else time.process_time
     fn()
-    sync()
-    return time.perf_counter() - t
+    if cuda:
+        torch.cuda.synchronize()
+    t = clock()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return clock() - t
 
 
 def choose(op: str, bucket: tuple, candidates: dict[str, Callable[[], torch.Tensor]], like: torch.Tensor) -> str:
@@ -103,8 +108,7 @@ def choose(op: str, bucket: tuple, candidates: dict[str, Callable[[], torch.Tens
         choice = _CHOICES[k].split(" ")[0]
         if choice in candidates:
             return choice
-    sync = torch.cuda.synchronize if like.is_cuda else (lambda: None)
-    times = {name: _time(fn, sync) for name, fn in candidates.items()}
+    times = {name: _time(fn, like.is_cuda) for name, fn in candidates.items()}
     best = min(times, key=times.get)
     _CHOICES[k] = best + " (" + ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in times.items()) + ")"
     _save()
