@@ -27,7 +27,7 @@ from .eval.verdict import verdicts
 
 GRIDS = {
     "demo": {"densities": (0.5, 0.25), "lengths": (1024,), "samples": 8, "validate_length": 2048,
-             "validate_samples": 2, "eval_lengths": (1024, 2048), "tasks": ("passkey", "multikey"),
+             "validate_samples": 4, "eval_lengths": (1024, 2048), "tasks": ("passkey", "multikey"),
              "depths": (0.1, 0.5, 0.9), "per_depth": 1, "ppl_windows": 2,
              "methods": {0.5: ("uniform", "duo-gradient"), 0.25: ("uniform",)}},
     "full": {"densities": (0.5, 0.25), "lengths": (1024, 2048, 4096), "samples": 16, "validate_length": 8192,

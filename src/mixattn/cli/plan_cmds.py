@@ -31,8 +31,11 @@ def cmd_compress(a) -> int:
     print(plan.summary(tuple(plan.meta.get("budget_lengths", plan.profile_lengths))))
     if "validation" in plan.meta:
         v = plan.meta["validation"]
-        print(f"chosen by answer loss at {v['length']} tokens ({v['samples']} prompts): "
-              + ", ".join(f"{k} {x:.4f}" for k, x in v["losses"].items()) + f" -> {plan.meta['candidate']}")
+        hits = v.get("hits", {})
+        print(f"chosen at {v['length']} tokens by retrieval hits on the {v.get('own_answers', 0)} of {v['samples']} "
+              "held-out prompts the dense model answers, then answer loss: "
+              + ", ".join(f"{k} {hits.get(k, 0)} hits / loss {x:.4f}" for k, x in v["losses"].items())
+              + f" -> {plan.meta['candidate']}")  # fmt: skip
     print(f"plan: {a.out} (heatmap {Path(a.out).with_suffix('.png')})")
     return 0
 
