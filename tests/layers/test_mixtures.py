@@ -205,3 +205,29 @@ def test_cached_step_by_step_decode_equals_full_forward(name):
     for t in range(4, 10):
         steps.append(layer(x[:, t : t + 1], make_ctx(1, D, t, cache)).y)
     assert_fp_close(torch.cat(steps, 1), full, TERMS)
+
+
+def test_moh_takes_a_router_config_and_old_configs_still_load():
+    import dataclasses
+
+    from mixattn.layers.moh import MoHAttention, MoHConfig
+    from mixattn.layers.routers import RouterConfig
+    from mixattn.models import PRESETS, MixtureConfig, MixtureLM
+
+    base = PRESETS["tiny-moh"]
+    Hr = base.num_heads - base.moh.shared_heads
+    default = MoHAttention.default_router(base.moh, Hr)
+    noisy = dataclasses.replace(default, noise_std=0.5, bias_rate=0.01)
+    cfg = dataclasses.replace(base, moh=dataclasses.replace(base.moh, router=noisy))
+    model = MixtureLM(cfg)
+    assert model.layers[0].attn.router.cfg == noisy  # the given router, not the derived one
+    again = MixtureConfig.from_dict(cfg.to_dict())  # the nested RouterConfig round-trips through JSON
+    assert again == cfg and isinstance(again.moh.router, RouterConfig)
+    old = base.to_dict()
+    old["moh"].pop("router")  # a config.json written before MoH had a router field
+    assert MixtureConfig.from_dict(old) == base and MixtureLM(base).layers[0].attn.router.cfg == default
+    with pytest.raises(ValueError, match="must equal MoH top_k"):
+        MoHConfig(top_k=1, router=dataclasses.replace(default, top_k=2))
+    with pytest.raises(ValueError, match="must equal the routed heads"):
+        wide = dataclasses.replace(default, num_experts=Hr + 1)
+        MixtureLM(dataclasses.replace(base, moh=dataclasses.replace(base.moh, router=wide)))

@@ -40,8 +40,14 @@ class MoHConfig:
     scoring: str = "learned"  # learned (two-stage routing) | query_norm (parameter-free, MoH-LLaMA3)
     gate_scale: str = "mha"  # mha: code scale factors, untrained router == MHA | paper: eqs. 5-6 as written
     impl: str = "auto"  # head_sparse_attention kernel
+    # The routed heads' router. None: the MoH papers' routing, derived from scoring and gate_scale.
+    # Given: any RouterConfig (noise, selection bias, graphs...) with num_experts = the routed heads
+    # and top_k = top_k above.
+    router: RouterConfig | None = None
 
     def __post_init__(self):
+        if self.router is not None and self.router.top_k != self.top_k:
+            raise ValueError(f"MoH router.top_k={self.router.top_k} must equal MoH top_k={self.top_k}")
         if self.scoring not in ("learned", "query_norm"):
             raise ValueError(f"MoH scoring={self.scoring!r} is not one of ('learned', 'query_norm')")
         if self.gate_scale not in ("mha", "paper"):
@@ -66,17 +72,12 @@ class MoHAttention(Attention):
         kernels.get("head_sparse_attention", cfg.impl)
         self.moh = cfg
         learned, mha = cfg.scoring == "learned", cfg.gate_scale == "mha"
-        self.router = Router(
-            attn.hidden_dim,
-            RouterConfig(
-                num_experts=Hr,
-                top_k=cfg.top_k,
-                scoring="softmax" if learned else "query_norm",
-                select_on="logits" if learned else "probs",
-                gate_norm=("scale_k" if mha else "none") if learned else "none",
-                gate="soft" if learned else "binary_ste",
-            ),
-        )
+        self.router = Router(attn.hidden_dim, cfg.router or self.default_router(cfg, Hr))
+        if self.router.cfg.num_experts != Hr:
+            raise ValueError(f"MoH router.num_experts={self.router.cfg.num_experts} must equal the routed heads {Hr}")
+        if (self.router.cfg.scoring == "query_norm") != (not learned):
+            raise ValueError(f"MoH scoring={cfg.scoring!r} needs router.scoring "
+                             f"{'query_norm' if not learned else 'softmax or sigmoid'}")  # fmt: skip
         two_stage = learned and Hs > 0
         self.shared_router = nn.Linear(attn.hidden_dim, Hs, bias=False) if two_stage else None  # W_s
         self.mix_router = nn.Linear(attn.hidden_dim, 2, bias=False) if two_stage else None  # W_h
@@ -84,6 +85,16 @@ class MoHAttention(Attention):
             for lin in (self.router.proj, self.shared_router, self.mix_router):
                 if lin is not None:
                     nn.init.zeros_(lin.weight)
+
+    @staticmethod
+    def default_router(cfg: MoHConfig, routed_heads: int) -> RouterConfig:
+        """The MoH routing: learned softmax scores with gates x k (MoH, arXiv 2410.11842), or the
+        parameter-free query-norm scores with binary straight-through gates (MoH-LLaMA3)."""
+        learned, mha = cfg.scoring == "learned", cfg.gate_scale == "mha"
+        return RouterConfig(num_experts=routed_heads, top_k=cfg.top_k, scoring="softmax" if learned else "query_norm",
+                            select_on="logits" if learned else "probs",
+                            gate_norm=("scale_k" if mha else "none") if learned else "none",
+                            gate="soft" if learned else "binary_ste")  # fmt: skip
 
     def head_gates(self, x_BTd: torch.Tensor, q_raw_BHTD: torch.Tensor):
         """Gates (N, H) (zero for unselected heads), active mask (N, H) and the routed RouterOutput."""

@@ -8,6 +8,7 @@ Configs round-trip through JSON (``to_dict`` / ``from_dict``); unknown keys and 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field, replace
 
@@ -111,6 +112,8 @@ def _build(cls, data: dict, where: str):
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # "X | None": rebuild as X
+            hint = next((h for h in typing.get_args(hint) if dataclasses.is_dataclass(h)), hint)
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = _build(hint, value, f"{where}.{key}")
         elif isinstance(value, list):
