@@ -118,3 +118,20 @@ def test_auto_inference_runs_a_measured_kernel_and_matches_the_reference(tmp_pat
     assert_close_bound(out, want, rounding_bound(torch.float32, q, k, v))
     assert "|sparse_attention|" in next(iter(json.loads((tmp_path / "c.json").read_text())))
     autotune.forget()
+
+
+def test_autotune_adds_to_the_file_without_dropping_other_processes_choices(tmp_path, monkeypatch):
+    """Another process wrote a choice after this one read the file: saving keeps it."""
+    path = tmp_path / "choices.json"
+    monkeypatch.setenv("MIXATTN_KERNEL_CHOICES", str(path))
+    monkeypatch.setenv("MIXATTN_AUTOTUNE", "1")
+    autotune.forget()
+    x = torch.zeros(1)
+    autotune.choose("op", (1,), {"a": lambda: None, "b": lambda: None}, x)
+    other = json.loads(path.read_text())
+    other["someone else's key"] = "b"
+    path.write_text(json.dumps(other))
+    autotune.choose("op", (2,), {"a": lambda: None, "b": lambda: None}, x)
+    assert set(json.loads(path.read_text())) == {autotune.key("op", x, (1,)), autotune.key("op", x, (2,)),
+                                                 "someone else's key"}  # fmt: skip
+    autotune.forget()

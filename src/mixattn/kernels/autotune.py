@@ -59,12 +59,20 @@ def _load() -> None:
             pass
 
 
-def _save() -> None:
+def _save(new_key: str) -> None:
+    """Add this process's new choice to the file as it is now: other processes (parallel test
+    workers, a benchmark's children) write it too, and rewriting our own view would drop theirs."""
     path = _path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            on_disk = json.loads(path.read_text())
+        except (OSError, ValueError):
+            on_disk = {}
+        on_disk[new_key] = _CHOICES[new_key]
+        _CHOICES.update(on_disk)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_CHOICES, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps(on_disk, indent=1, sort_keys=True))
         tmp.replace(path)  # atomic: concurrent processes never read a half-written file
     except OSError:
         pass  # a read-only cache only costs a re-measurement next time
@@ -111,7 +119,7 @@ def choose(op: str, bucket: tuple, candidates: dict[str, Callable[[], torch.Tens
     times = {name: _time(fn, like.is_cuda) for name, fn in candidates.items()}
     best = min(times, key=times.get)
     _CHOICES[k] = best + " (" + ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in times.items()) + ")"
-    _save()
+    _save(k)
     return best
 
 
