@@ -40,7 +40,7 @@ def _write(path, kv_heads=True, full=True, tokens=None, rope_linear=None, output
     # each row holds its own HF row index (in column 0), written in llama.cpp's order
     q = np.arange(H * D, dtype=np.float32)[_llama_cpp_rows(H)][:, None].repeat(HIDDEN, 1)
     k = np.arange(hkv * D, dtype=np.float32)[_llama_cpp_rows(hkv)][:, None].repeat(HIDDEN, 1)
-    w.add_tensor("token_embd.weight", np.ones((50, HIDDEN), dtype=np.float32))
+    w.add_tensor("token_embd.weight", np.ones((50, HIDDEN), dtype=np.float16))  # F16: read back as fp32
     w.add_tensor("blk.0.attn_q.weight", q)
     w.add_tensor("blk.0.attn_k.weight", k)
     w.add_tensor("blk.0.attn_q.bias", np.arange(H * D, dtype=np.float32)[_llama_cpp_rows(H)])
@@ -65,7 +65,7 @@ def test_metadata_becomes_the_hf_config(tmp_path):
     assert t["model.layers.0.self_attn.k_proj.weight"][:, 0].tolist() == list(range(HKV * D))
     assert t["model.layers.0.self_attn.q_proj.bias"].tolist() == list(range(H * D))
     assert t["model.layers.0.self_attn.v_proj.weight"][:, 0].tolist() == [float(r) for r in _llama_cpp_rows(HKV)]
-    assert t["model.embed_tokens.weight"].dtype == torch.float32
+    assert t["model.embed_tokens.weight"].dtype == torch.float32 and t["model.embed_tokens.weight"].shape == (50, HIDDEN)
 
 
 def test_missing_metadata_takes_the_defaults(tmp_path):
