@@ -59,3 +59,17 @@ def test_duo_makes_the_top_scored_heads_full():
     assert plan.layers == ((DENSE, stream), (stream, DENSE))
     assert plan.meta == {"method": "duo", "retrieval_heads": 2}
     assert Plan.duo(scores, 0.3, 1024).layers == ((stream, stream), (stream, stream))  # below a streaming head
+
+
+@pytest.mark.parametrize("lengths", [(0,), (1024, 0), (1.5,), (True,), ()])
+def test_profile_lengths_must_be_positive_integers(lengths):
+    with pytest.raises(ValueError, match="profile_lengths must be a non-empty list of integers >= 1"):
+        Plan(((DENSE,),), profile_lengths=lengths)
+
+
+def test_summary_reports_the_asked_lengths():
+    plan = Plan(((HeadRule(0, 10.0, 0.0),),), profile_lengths=(1000,))  # span 10: density 10 / N
+    text = plan.summary([100, 200])
+    assert text.splitlines()[0] == "plan for a model: 1 layers x 1 KV heads"
+    assert "density: 0.100 @ 100, 0.050 @ 200 (mean 0.075)" in text  # not the profile length's 0.010
+    assert "span     10  density 0.050" in text
