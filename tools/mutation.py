@@ -192,7 +192,8 @@ def main() -> None:
     groups = a.only or list(GROUPS)
     os.chdir(ROOT)
     if a.show is not None:
-        names = a.show or [line.split()[-1] for g in groups for line in survivors(GROUPS[g], a.sample)]
+        listed = [line.strip().rsplit(None, 1) for g in groups for line in survivors(GROUPS[g], a.sample)]
+        names = a.show or [n for st, n in listed if st != "not checked"]
         for name in names:
             out = subprocess.run([sys.executable, __file__, "--mutmut", "show", name], capture_output=True, text=True).stdout
             diff = [x for x in out.splitlines() if x[:1] in "+-" and x[:3] not in ("+++", "---")]
