@@ -126,3 +126,20 @@ def test_resumed_profile_accumulates_like_one_pass(model, tmp_path):
     torch.testing.assert_close(again.scores["mass_outside"], both.scores["mass_outside"], rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="not among the profile lengths"):
         profiling.run(model, [CalibSample(ids, mask, T)], (T + 1,), progress=False)
+
+
+def test_mass_outside_is_the_mean_over_samples_and_zero_for_short_rows(model):
+    ids, mask = _sample()
+    a, b = CalibSample(ids, mask, T), CalibSample(ids.roll(11), mask, T)
+    one_a = profiling.run(model, [a], (T,), progress=False).scores["mass_outside"]
+    one_b = profiling.run(model, [b], (T,), progress=False).scores["mass_outside"]
+    both = profiling.run(model, [a, b], (T,), progress=False).scores["mass_outside"]
+    torch.testing.assert_close(both, (one_a + one_b) / 2)
+    short = torch.softmax(torch.randn(320, 320, dtype=torch.float64), -1).tril()
+    assert profiling._mass_outside(short) == 0.0  # no query past sink + local window
+
+
+def test_copy_sources_stop_at_the_prompt_end():
+    # the answer [1, 2, 3, 4] starts right after an occurrence of [1, 2, 3]: its 4th token is not in the prompt
+    ids = torch.tensor([9, 1, 2, 3, 1, 2, 3, 4])
+    assert profiling.copy_sources(ids, 4, probe=3) == [(3, 1), (4, 2), (5, 3)]
