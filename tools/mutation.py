@@ -186,6 +186,7 @@ def main() -> None:
     ap.add_argument("--survivors", action="store_true", help="list the mutants not killed")
     ap.add_argument("--report-only", action="store_true", help="print the scores of the last run")
     ap.add_argument("--sample", type=int, default=1, help="test a fixed 1/N of the mutants (by name hash; default all)")
+    ap.add_argument("--together", action="store_true", help="one mutmut run for all the groups (one start-up)")
     ap.add_argument("--retry", action="store_true", help="rerun only the mutants the last run did not kill (after adding tests)")
     ap.add_argument("--show", nargs="*", default=None, help="print the diff of these mutants (or of every survivor) and exit")
     a = ap.parse_args()
@@ -204,15 +205,17 @@ def main() -> None:
             shutil.rmtree(ROOT / "mutants", ignore_errors=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         t0 = time.time()
-        for g in groups:
-            pats = [f"mixattn.{m[:-3].replace('/', '.')}.*" for m in GROUPS[g]]
+        batches = [[g] for g in groups] if not a.together else [groups]
+        for batch in batches:
+            g = "+".join(batch)
+            pats = [f"mixattn.{m[:-3].replace('/', '.')}.*" for b in batch for m in GROUPS[b]]
             if a.sample > 1 and not a.retry:
-                if not any(mutant_names(m) for m in GROUPS[g]):  # mutants not generated yet: generate them
+                if not any(mutant_names(m) for b in batch for m in GROUPS[b]):  # mutants not generated yet: generate them
                     subprocess.call([sys.executable, __file__, "--mutmut", "run", "--max-children", "1", "nothing.matches.*"],
                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-                pats = [n for m in GROUPS[g] for n in mutant_names(m, a.sample)]
+                pats = [n for b in batch for m in GROUPS[b] for n in mutant_names(m, a.sample)]
             if a.retry:
-                pats = [line.split()[-1] for line in survivors(GROUPS[g], a.sample)]
+                pats = [line.split()[-1] for b in batch for line in survivors(GROUPS[b], a.sample)]
             if not pats:
                 continue
             print(f"== {g}: {' '.join(pats) if len(pats) <= 4 else f'{len(pats)} mutants'}", flush=True)
