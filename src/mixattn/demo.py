@@ -84,18 +84,23 @@ def _corpora():
 
 
 def run(source: str = "smollm2-135m", grid: str | dict = "demo", out: str | Path = "runs/demo", progress: bool = True,
-        **overrides) -> str:  # fmt: skip
-    """Compress, evaluate every method on the same prompts, and write the report under ``out``."""
+        dtype: str = "float32", **overrides) -> str:  # fmt: skip
+    """Compress (fp32), evaluate every method on the same prompts in ``dtype``, and write the report
+    under ``out``."""
+    from .models.dtype import cast
+
     t0 = time.perf_counter()
     g = dict(GRIDS[grid] if isinstance(grid, str) else grid, **{k: v for k, v in overrides.items() if v is not None})
     out = Path(out)
     model, tok = load_model(source)
     plans, pairs = build_plans(source, model, tok, g, out, progress)
+    cast(model, dtype)
     evals = list(g["eval_lengths"])
     ppl_lengths = [N for N in evals if N >= 2048] or evals[-1:]
     results = suite.evaluate(model, tok, plans, [*g["tasks"], "ppl"], evals, list(g["depths"]), g["per_depth"],
                              ppl_windows=g["ppl_windows"], ppl_lengths=ppl_lengths, progress=progress)  # fmt: skip
     results["grid"] = {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+    results["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     results["wall_s"] = time.perf_counter() - t0
     header = (f"# {source}: long-context retrieval at equal KV density\n\nGrid: tasks {', '.join(g['tasks'])}; "
               f"lengths {evals}; depths {list(g['depths'])}; {g['per_depth']} prompt(s) per depth (own seed and "

@@ -271,3 +271,19 @@ def test_baselines_meet_the_density_within_a_hundredth_at_every_length(density):
         duo = Plan.duo(scores, density, N, 64, duo_window(density, N))
         assert abs(uni.density([N]) - density) <= 0.01, (L, uni.density([N]))
         assert abs(duo.density([N]) - density) <= 0.01, (L, duo.density([N]))
+
+
+def test_eval_dtype_bfloat16_halves_the_kv_bytes_and_keeps_perplexity(tmp_path):
+    src = _saved_tiny(tmp_path)
+    res = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert main(["eval", str(src), "--tasks", "ppl,speed", "--lengths", "256", "--dtype", dtype,
+                     "--out", str(out)]) == 0  # fmt: skip
+        res[dtype] = json.loads((out / "results.json").read_text())
+    f32, b16 = res["float32"], res["bfloat16"]
+    assert b16["speed"]["dense"]["kv_bytes"] * 2 == f32["speed"]["dense"]["kv_bytes"]
+    p32, p16 = f32["ppl"]["dense"]["256"]["ppl"], b16["ppl"]["dense"]["256"]["ppl"]
+    # bf16 keeps 8 mantissa bits: logits of a few-layer model move by about 2^-8 relative, so the
+    # perplexity (exp of a mean of log-probs) moves by a few percent at most, and it does move
+    assert p16 != p32 and abs(p16 / p32 - 1) < 0.05

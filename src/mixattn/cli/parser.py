@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
 
     p = add("eval", "evaluate plans side by side: retrieval, perplexity, speed and memory", cmd_eval)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
+                   help="evaluation dtype (the search itself stays fp32); auto: bfloat16 where the CPU has AMX or "
+                        "AVX512_BF16 (or CUDA)")
     p.add_argument("model")
     p.add_argument("--plan", action="append", default=[], help="plan JSON (repeatable)")
     p.add_argument("--baseline", action="append", default=[], metavar="KIND:DENSITY", help="uniform:0.5, duo:0.25")
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
 
     p = add("demo", "the main job: compress smollm2-135m and compare plans (what `make demo` runs)", cmd_demo)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
+                   help="evaluation dtype (the search itself stays fp32); auto: bfloat16 where the CPU has AMX or "
+                        "AVX512_BF16 (or CUDA)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--grid", choices=["demo", "full"], default="demo", help="demo: small grid (make demo); full: big")
     p.add_argument("--densities", type=checked_text(fractions), help="KV densities (default 0.5,0.25)")

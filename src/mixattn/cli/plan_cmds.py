@@ -66,7 +66,10 @@ def cmd_eval(a) -> int:
         specs.append((kind, d))
     if Path(a.out).exists() and not Path(a.out).is_dir():
         raise ValueError(f"--out {a.out} is a file; a folder is expected")
+    from ..models.dtype import cast
+
     model, tok = load_model(a.model)
+    cast(model, a.dtype)
     for name, plan in plans.items():  # before any prompt is built or any pass runs
         if plan is not None:
             try:
@@ -173,7 +176,8 @@ def cmd_demo(a) -> int:
     densities = tuple(float(x) for x in a.densities.split(",")) if a.densities else None
     print(run(a.model, a.grid, out=a.out, densities=densities, eval_lengths=_ints(a.eval_lengths) if a.eval_lengths
               else None, samples=a.samples, per_depth=a.per_depth, tasks=tuple(a.tasks.split(",")) if a.tasks else None,
-              lengths=_ints(a.lengths) if a.lengths else None, validate_length=a.validate_length))  # fmt: skip
+              lengths=_ints(a.lengths) if a.lengths else None, validate_length=a.validate_length,
+              dtype=a.dtype))  # fmt: skip
     print(f"\nplots and JSON in {a.out}/")
     return 0
 
