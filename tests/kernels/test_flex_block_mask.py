@@ -49,7 +49,9 @@ def visible_through(bm, T, H):
 @given(
     T=st.sampled_from([129, 200, 256, 300, 385, 520]),
     rules=st.lists(
-        st.tuples(st.sampled_from([0, 1, 4, 127, 128, 129, 300]), st.sampled_from([1, 2, 5, 64, 127, 128, 129, 130, 200, 600])),
+        st.tuples(
+            st.sampled_from([0, 1, 4, 127, 128, 129, 300]), st.sampled_from([1, 2, 5, 64, 127, 128, 129, 130, 200, 255, 256, 600])
+        ),
         min_size=1,
         max_size=3,
     ),

@@ -56,3 +56,12 @@ def test_head_sparse_default_query_offset_is_zero(kernel):
     # and offset 0 is causal from the first key: the first query sees only key 0
     first = torch.where(active[:, 0, :, None], v.repeat_interleave(H // Hkv, 1)[:, :, 0], 0.0)  # (B, H, D)
     torch.testing.assert_close(default[:, 0], first)
+
+
+def test_rule_mask_with_more_keys_than_queries_reach():
+    """Tk beyond q_offset + T (keys the queries cannot reach yet) are masked, not dropped."""
+    from mixattn.kernels.sparse import rule_mask
+
+    m = rule_mask(2, torch.tensor([1]), torch.tensor([2]), q_offset=1, Tk=6)
+    assert m.shape == (1, 2, 6)
+    assert m[0].tolist() == [[True, True, False, False, False, False], [True, True, True, False, False, False]]
