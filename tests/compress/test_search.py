@@ -118,8 +118,11 @@ def test_compress_cli_end_to_end_and_eval_outputs(tmp_path, monkeypatch, capsys)
     src = _saved_tiny(tmp_path)
     plan_path = tmp_path / "plan.json"
     assert main(["compress", str(src), "--density", "0.5", "--lengths", "640,768", "--samples", "2",
-                 "--validate-length", "1024", "--validate-samples", "1", "--out", str(plan_path)]) == 0  # fmt: skip
+                 "--validate-length", "1024", "--validate-samples", "1", "--save-candidates",
+                 "--out", str(plan_path)]) == 0  # fmt: skip
     plan = Plan.load(plan_path)
+    saved = {p.name.split(".", 1)[1].removesuffix(".json"): Plan.load(p) for p in tmp_path.glob("plan.*.json")}
+    assert set(saved) == set(plan.meta["validation"]["losses"]) and saved[plan.meta["candidate"]] == plan
     plan.validate(mixattn.load(src).cfg)
     assert all(plan.density([N]) <= 0.5 + 1e-9 for N in (640, 768, 1024))
     assert set(plan.meta["validation"]["losses"]) >= {"milp", "milp-2-rules"}

@@ -27,7 +27,8 @@ def cmd_compress(a) -> int:
     # compress() refuses a folder as ``out`` (and every bad argument) before loading anything
     plan = compress(a.model, a.density, _ints(a.lengths), out=a.out, samples=a.samples,
                     max_rules_per_layer=a.max_rules_per_layer, resume=a.resume,
-                    validate_length=a.validate_length, validate_samples=a.validate_samples)  # fmt: skip
+                    validate_length=a.validate_length, validate_samples=a.validate_samples,
+                    save_candidates=a.save_candidates)  # fmt: skip
     print(plan.summary(tuple(plan.meta.get("budget_lengths", plan.profile_lengths))))
     if "validation" in plan.meta:
         v = plan.meta["validation"]

@@ -125,13 +125,14 @@ def candidates(prof, density: float, budget_lengths, max_rules_per_layer, name: 
 def compress(source, density: float, lengths=(1024, 2048), out=None, samples: int = 16, corpora=CORPORA,
              max_rules_per_layer: int | None = None, resume: bool = True, seed: int = 0, work_dir=None,
              validate_length: int | None = None, validate_samples: int = 4, progress: bool = True, model=None,
-             tok=None) -> Plan:  # fmt: skip
+             tok=None, save_candidates: bool = False) -> Plan:  # fmt: skip
     """Find a plan with mean KV density <= ``density`` at every length in ``lengths`` (and at
     ``validate_length``), choosing among candidate plans by answer loss at ``validate_length``.
 
     Stages cached in ``work_dir`` (default: under the user cache, keyed by the model's content):
     calibration.pt (``samples`` per length), profile.pt (saved after every sample: resumable),
-    validation.pt. The MILP runs every time (seconds).
+    validation.pt. The MILP runs every time (seconds). ``save_candidates``: also write every
+    candidate as ``<out stem>.<label>.json`` next to ``out``.
     """
     lengths = tuple(lengths)
     if out is not None and (Path(out).is_dir() or Path(out).with_suffix(".png").is_dir()):
@@ -162,6 +163,8 @@ def compress(source, density: float, lengths=(1024, 2048), out=None, samples: in
     if out is not None:
         plan.save(out)
         plan.plot(Path(out).with_suffix(".png"))
+        for label, cand in plans.items() if save_candidates else ():
+            cand.save(Path(out).with_name(f"{Path(out).stem}.{label}.json"))
     return plan
 
 
