@@ -135,3 +135,16 @@ def test_scoring_a_real_model_generates_its_greedy_tokens():
         want = model.generate(torch.tensor([s.prompt_ids]), n)[0, P:].tolist()
         got = retrieval.score(model, tok, s, max_new_tokens=n, stop_tokens=())
         assert got["generated"] == tok.decode(want) and len(want) == n
+
+
+def test_scoring_generates_every_scripted_token_up_to_the_limit():
+    from mixattn.eval import retrieval
+
+    from .helpers import ScriptedLM
+
+    tok = byte_tok()
+    s = tasks.make("passkey", tok, haystack(tok), 400, 0.5, 3)
+    said = "abcdefghijklmnopqrstuvwxyz"  # all different: a token fed late or twice shows
+    for n in (1, 2, 16):
+        got = retrieval.score(ScriptedLM(s.prompt_ids + tok.encode(said), 256), tok, s, max_new_tokens=n, stop_tokens=())
+        assert got["generated"] == said[:n]
