@@ -51,7 +51,7 @@ def score(model, tok, sample: Sample, max_new_tokens: int = 16, stop_tokens=None
     C = len(sample.context_ids)
     N = P + max(max_new_tokens, len(joint) - P)  # plans see one reference length for both scores
     cache = model.new_cache(N)
-    first = model(torch.tensor([sample.prompt_ids]), cache, ref_len=N).logits[0, -1].float()
+    first = model(torch.tensor([sample.prompt_ids]), cache, ref_len=N, logits_to_keep=1).logits[0, -1].float()
 
     if joint[:P] == sample.prompt_ids and C >= P:  # teacher-force the rest of the joint string
         tf_cache, logits, lp = copy.deepcopy(cache), first, 0.0

@@ -22,7 +22,7 @@ def measure(model, context: int, new_tokens: int = 16, seed: int = 0, batch: int
     N = context + new_tokens
 
     def prefill(n_ctx, cache):
-        return model(ids[:, :n_ctx], cache, ref_len=n_ctx + new_tokens).logits[:, -1].argmax(-1)
+        return model(ids[:, :n_ctx], cache, ref_len=n_ctx + new_tokens, logits_to_keep=1).logits[:, -1].argmax(-1)
 
     if warmup:
         w = min(warmup, context)
