@@ -115,6 +115,19 @@ def _patch_mutmut() -> None:
     fm.function_trampoline_arrangement = _arrange
 
 
+def _generate_mutants(jobs: int) -> None:
+    """Only mutmut's first step: copy src/ into mutants/ and write the mutated files (no test run)."""
+    _patch_mutmut()
+    from mutmut import __main__ as mm
+
+    mm.set_mutant_under_test("mutant_generation")
+    (ROOT / "mutants").mkdir(exist_ok=True)
+    mm.copy_src_dir()
+    mm.copy_also_copy_files()
+    mm.setup_source_paths()
+    mm.create_mutants(jobs)
+
+
 def _run_mutmut(args: list[str]) -> None:
     _patch_mutmut()
     from mutmut.__main__ import cli
@@ -175,6 +188,10 @@ def report(groups: list[str], show_survivors: bool, every: int = 1) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--generate":
+        os.chdir(ROOT)
+        _generate_mutants(2)
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--mutmut":
         os.chdir(ROOT)
         _run_mutmut(sys.argv[2:])
@@ -211,8 +228,7 @@ def main() -> None:
             pats = [f"mixattn.{m[:-3].replace('/', '.')}.*" for b in batch for m in GROUPS[b]]
             if a.sample > 1 and not a.retry:
                 if not any(mutant_names(m) for b in batch for m in GROUPS[b]):  # mutants not generated yet: generate them
-                    subprocess.call([sys.executable, __file__, "--mutmut", "run", "--max-children", "1", "nothing.matches.*"],
-                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                    subprocess.call([sys.executable, __file__, "--generate"], env=env, stdout=subprocess.DEVNULL)
                 pats = [n for b in batch for m in GROUPS[b] for n in mutant_names(m, a.sample)]
             if a.retry:
                 pats = [line.split()[-1] for b in batch for line in survivors(GROUPS[b], a.sample)]
