@@ -45,9 +45,9 @@ bench-all: bench
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/real_models.py
 
 # Mutation score (mutmut 3) of the kernels, routers, losses, plan, optimizer, calibration/profiling,
-# eval scoring/tasks, GGUF loading and resume: about 30 min on 2 cores. Not part of `make test`.
-# A fresh snapshot of src/ each time and a fixed 1/8 of the ~4600 mutants (by name hash): 2 shared cores
-# test about 20 mutants a minute. MUTATION_ARGS="--sample 1 ..." for all of them (hours),
+# eval scoring/tasks, GGUF loading and resume. Not part of `make test`. A fresh snapshot of src/ each
+# time and a fixed 1/8 of the ~4600 mutants (by name hash): 41 min measured on 2 cores shared with other
+# jobs, plus a few minutes of start-up (docs/testing.md). MUTATION_ARGS="--sample 1 ..." for all of them (hours),
 # "--only kernels --survivors" for a part, "--retry" to rerun what the last run did not kill.
 MUTATION_ARGS ?= --fresh --survivors --sample 8
 mutation: $(STAMP)
