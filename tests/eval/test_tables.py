@@ -12,9 +12,10 @@ DOCS = [ROOT / "README.md", ROOT / "docs" / "experiments.md"]
 
 
 def _results():
-    recs = [{"method": m, "task": "passkey", "length": 1024, "depth": 0.5, "index": i, "seed": i, "hit": hit,
+    recs = [{"method": m, "task": task, "length": 1024, "depth": 0.5, "index": i, "seed": i, "hit": hit,
              "density": d, "prompt_len": 1020, "ref_len": 1040, "logprob": -1.0}
-            for m, d, hits in (("dense", 1.0, (1, 1, 0)), ("mixattn 0.5", 0.5, (1, 0, 0))) for i, hit in enumerate(hits)]
+            for m, d, hits in (("dense", 1.0, (1, 1, 0)), ("mixattn 0.5", 0.5, (1, 0, 0))) for i, hit in enumerate(hits)
+            for task in ("passkey", "multikey")]
     return {"retrieval": recs, "density": {"dense": {"1024": 1.0}, "mixattn 0.5": {"1024": 0.5}}, "ppl": {},
             "speed": {}, "pairs": [["mixattn 0.5", "dense"]], "verdicts": ["density 0.5: NOT MET"]}
 
@@ -34,6 +35,10 @@ def test_a_stale_block_is_rerendered_and_check_fails(tmp_path):
     assert report.retrieval_table(_results()) in text and "stale" not in text and text.endswith("<!-- /table -->\nend\n")
     assert "0.67 [" in text and "0.33 [" in text  # 2/3 and 1/3 hits with their Wilson intervals
     assert tables.main(["--check", str(doc)]) == 0
+    doc.write_text("<!-- table: r.json pooled -->\n<!-- /table -->\n")
+    tables.main([str(doc)])
+    pooled = doc.read_text().splitlines()[1:-1]
+    assert len(pooled) == 2 + 2 and all("| all |" in r for r in pooled[2:])  # header, rule, one row per method
     doc.write_text("<!-- table: r.json verdicts -->\n<!-- /table -->\n")
     tables.main([str(doc)])
     assert "- density 0.5: NOT MET" in doc.read_text()

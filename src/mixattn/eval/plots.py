@@ -70,7 +70,8 @@ def plot_heatmap(results, path) -> None:
     depths = sorted({r["depth"] for r in recs})
     cols = min(4, len(methods))
     rows = -(-len(methods) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * len(lengths) * cols + 1.6, 0.45 * len(depths) * rows + 1.3 * rows),
+    width = max(1.5, 0.9 * len(lengths))  # one length still leaves room for a two-line title
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1.6, 0.45 * len(depths) * rows + 1.5 * rows),
                              squeeze=False)  # fmt: skip
     im = None
     for ax, m in zip(axes.flat, methods):
@@ -82,7 +83,7 @@ def plot_heatmap(results, path) -> None:
                     grid[di, li] = p["acc"]
                     ax.text(li, di, f"{p['k']}/{p['n']}", ha="center", va="center", fontsize=7)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_title(m, fontsize=9)
+        ax.set_title(m if len(m) <= 12 else "\n".join(m.rsplit(" ", 1)), fontsize=9)  # "label\ndensity"
         ax.set_xticks(range(len(lengths)), [f"{N // 1024}k" if N % 1024 == 0 else str(N) for N in lengths], fontsize=8)
         ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=8)
         ax.set_xlabel("length", fontsize=8)

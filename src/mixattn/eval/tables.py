@@ -7,7 +7,8 @@ A markdown file marks each generated table with an opening and a closing comment
     <!-- /table -->
 
 The path is relative to the repository root (the folder holding ``pyproject.toml``); the kind is one
-of ``retrieval``, ``density``, ``paired``, ``other`` (perplexity and speed) or ``verdicts``.
+of ``retrieval``, ``pooled`` (the retrieval rows pooled over tasks only), ``density``, ``paired``,
+``other`` (perplexity and speed) or ``verdicts``.
 
     python -m mixattn.eval.tables README.md docs/experiments.md          # rewrite the blocks
     python -m mixattn.eval.tables --check README.md docs/experiments.md  # exit 1 where one differs
@@ -25,13 +26,16 @@ from ..paths import write_text
 from . import report
 
 BLOCK = re.compile(r"(<!-- table: (\S+) (\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
-KINDS = ("retrieval", "density", "paired", "other", "verdicts")
+KINDS = ("retrieval", "pooled", "density", "paired", "other", "verdicts")
 
 
 def render(results: dict, kind: str) -> str:
     """One table (or the verdict list) of ``results`` as markdown, without a trailing newline."""
     if kind == "retrieval":
         return report.retrieval_table(results)
+    if kind == "pooled":
+        head, rule, *rows = report.retrieval_table(results).split("\n")
+        return "\n".join([head, rule, *(r for r in rows if r.split("|")[2].strip() == "all")])
     if kind == "density":
         return report.density_table(results)
     if kind == "paired":
