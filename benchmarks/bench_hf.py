@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -32,21 +31,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import stamp, table  # noqa: E402
+from common import cpu_model, stamp, table  # noqa: E402
 
 import mixattn  # noqa: E402
 from mixattn.compress.interchange import load_duo  # noqa: E402
 from mixattn.compress.plan import Plan  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "plans" / "smollm2"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def plans(N: int) -> dict[str, Plan | None]:
