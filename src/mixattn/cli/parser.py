@@ -51,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int)
     p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
-                   help="inference dtype; auto: bfloat16 where the CPU has AMX or AVX512_BF16 (or CUDA)")
+    _add_dtype(p, "inference dtype")
     p.add_argument("--prefill-chunk", type=positive_int, help="run the prompt this many tokens at a time")
 
     p = add("convert", "convert a model: dense -> MoH, GQA -> MoA (exact), N dense models -> BAM", cmd_convert)
@@ -84,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
 
     p = add("eval", "evaluate plans side by side: retrieval, perplexity, speed and memory", cmd_eval)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
-                   help="evaluation dtype (the search itself stays fp32); auto: bfloat16 where the CPU has AMX or "
-                        "AVX512_BF16 (or CUDA)")
+    _add_dtype(p, "evaluation dtype (the search itself stays fp32)")
     p.add_argument("model")
     p.add_argument("--plan", action="append", default=[], help="plan JSON (repeatable)")
     p.add_argument("--baseline", action="append", default=[], metavar="KIND:DENSITY", help="uniform:0.5, duo:0.25")
@@ -120,9 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
 
     p = add("demo", "the main job: compress smollm2-135m and compare plans (what `make demo` runs)", cmd_demo)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
-                   help="evaluation dtype (the search itself stays fp32); auto: bfloat16 where the CPU has AMX or "
-                        "AVX512_BF16 (or CUDA)")
+    _add_dtype(p, "evaluation dtype (the search itself stays fp32)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--grid", choices=["demo", "full"], default="demo", help="demo: small grid (make demo); full: big")
     p.add_argument("--densities", type=checked_text(fractions), help="KV densities (default 0.5,0.25)")
@@ -159,3 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_dtype(p, what: str) -> None:
+    from ..models.dtype import CHOICES
+
+    p.add_argument("--dtype", choices=list(CHOICES), default="float32",
+                   help=f"{what}; auto: bfloat16 where the CPU has AMX or AVX512_BF16 (or CUDA)")  # fmt: skip
