@@ -1,4 +1,3 @@
 """Moved to ``mixattn.data.corpora``; this name stays importable for existing code."""
 
-from ..data.corpora import *  # noqa: F401,F403
 from ..data.corpora import ByteTokenizer, TokenData, corpus_files, corpus_tokens, load_corpus  # noqa: F401
