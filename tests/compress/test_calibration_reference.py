@@ -5,9 +5,9 @@ the lengths, depths and seeds of built samples, and the summary."""
 import torch
 
 from mixattn.compress import calibration as cal
-from mixattn.eval import tasks
+from mixattn.data import tasks
 
-from ..eval.helpers import WordTok, byte_tok, haystack
+from ..data.helpers import WordTok, byte_tok, haystack
 
 
 class Says:

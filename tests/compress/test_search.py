@@ -224,9 +224,9 @@ def test_profile_cache_is_keyed_by_content_not_path(tmp_path):
 
 def test_calibration_keeps_the_models_answer_only_when_it_is_right():
     from mixattn.compress.calibration import answer
-    from mixattn.eval import tasks
+    from mixattn.data import tasks
 
-    from ..eval.helpers import byte_tok, haystack
+    from ..data.helpers import byte_tok, haystack
 
     tok = byte_tok()
     s = tasks.make("multikey", tok, haystack(tok), 1000, 0.5, seed=3)

@@ -17,7 +17,7 @@ def smol():
 
 @pytest.mark.parametrize("task", ["passkey", "multikey", "multivalue", "vartrack", "lines"])
 def test_real_tokenizer_lengths_and_answer_split(smol, task):
-    from mixattn.eval import tasks
+    from mixattn.data import tasks
 
     _, tok, hay = smol
     for length in (1024, 4096, 8152):
@@ -29,7 +29,8 @@ def test_real_tokenizer_lengths_and_answer_split(smol, task):
 
 
 def test_dense_smollm2_retrieves_a_short_multikey_and_wrong_keys_score_lower(smol):
-    from mixattn.eval import retrieval, tasks
+    from mixattn.data import tasks
+    from mixattn.eval import retrieval
 
     model, tok, hay = smol
     s = tasks.make("multikey", tok, hay, 1024, 0.1, seed=tasks.prompt_seed("multikey", 1024, 0.1, 0))

@@ -4,9 +4,10 @@ import math
 
 import pytest
 
-from mixattn.eval import retrieval, tasks
+from mixattn.data import tasks
+from mixattn.eval import retrieval
 
-from .helpers import ScriptedLM, WordTok, byte_tok, haystack
+from ..data.helpers import ScriptedLM, WordTok, byte_tok, haystack
 
 
 def _scripted(tok, sample, said: str, vocab=256):

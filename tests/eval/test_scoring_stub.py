@@ -9,10 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mixattn.data import tasks
 from mixattn.eval import perplexity as ppl
-from mixattn.eval import retrieval, tasks
+from mixattn.eval import retrieval
 
-from .helpers import ScriptedLM, byte_tok, haystack
+from ..data.helpers import ScriptedLM, byte_tok, haystack
 
 V, L = 11, 3.0  # vocabulary, the logit the stub puts on "previous token + 1"
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..data import load_corpus
-from ..eval import tasks
-from ..eval.retrieval import is_hit
+from ..data import load_corpus, tasks
+from ..data.tasks import is_hit
 
 CALIB_TASKS = ("passkey", "multikey", "lines", "passage")
 

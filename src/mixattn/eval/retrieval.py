@@ -17,14 +17,7 @@ import copy
 
 import torch
 
-from .tasks import Sample
-
-
-def is_hit(generated: str, answers) -> bool:
-    """True iff every answer string occurs in ``generated`` (RULER's string-match metric)."""
-    if not answers:
-        raise ValueError("answers must list at least one string")
-    return all(a in generated for a in answers)
+from ..data.tasks import Sample, is_hit
 
 
 def _step(model, token: int, cache, pos: int, N: int) -> torch.Tensor:

@@ -18,7 +18,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..compress.apply import apply_plan, remove_plan
-from . import retrieval, speed, tasks
+from ..data import tasks
+from . import retrieval, speed
 from .perplexity import window_nlls
 
 RETRIEVAL = tuple(t for t in tasks.TASKS if t != "passage")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mixattn.eval import tasks
+from mixattn.data import tasks
 
 from .helpers import WordTok, byte_tok, haystack
 

@@ -276,3 +276,10 @@ def prompt_seed(task: str, length: int, depth: float, index: int, base: int = 0)
     import zlib
 
     return zlib.crc32(f"{base}|{task}|{length}|{depth:.4f}|{index}".encode())
+
+
+def is_hit(generated: str, answers) -> bool:
+    """True iff every answer string occurs in ``generated`` (RULER's string-match metric)."""
+    if not answers:
+        raise ValueError("answers must list at least one string")
+    return all(a in generated for a in answers)

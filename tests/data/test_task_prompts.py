@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
+from mixattn.data import tasks
 from mixattn.eval import perplexity as ppl
-from mixattn.eval import tasks
 
 from .helpers import byte_tok, haystack
 
