@@ -6,6 +6,12 @@ Each token is routed to K of E SwiGLU experts; fine-grained segmentation is simp
 experts (``fine_grained``). Shared experts form one dense SwiGLU that every token passes through.
 The expert input projection is one (E, 2f, d) tensor, gate half first (HF JetMoe ``input_linear``).
 
+The routed experts run one of two paths with the same result up to rounding. With gradients, the
+autograd-friendly one: gather, grouped GEMMs, SwiGLU, un-sort and sum (``combine``). When nothing
+is differentiated (inference), a cheaper one: the SwiGLU is computed in place in the gate half of
+the first projection's output, and the gated rows are added straight into their tokens' output
+rows (``combine_add``), with no un-sort and no (N, K, d) temporary.
+
 Legend: B batch, T tokens, N = B*T, K top-k, M = N*K, E experts, d hidden dim, f expert ffn dim.
 """
 
@@ -18,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttnContext, LayerOutput, check_input
-from .experts import ExpertLinear, combine, make_dispatch
+from .experts import ExpertLinear, combine, combine_add, make_dispatch, sort_by_expert
 from .norm import SwiGLU
 from .routers import Router, RouterConfig
 
@@ -67,11 +73,29 @@ class MoE(nn.Module):
 
     def experts(self, x_Nd: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         """The routed experts alone: (N, d) -> (N, d) given the routing."""
+        tensors = (x_Nd, weights_NK, self.input_linear.weight, self.output_linear.weight)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return self.experts_train(x_Nd, indices_NK, weights_NK)
+        with torch.no_grad():
+            return self.experts_inference(x_Nd, indices_NK, weights_NK)
+
+    def experts_train(self, x_Nd: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """The differentiable path: sorted gather, grouped GEMMs, SwiGLU, un-sort and sum over K."""
         disp = make_dispatch(indices_NK, self.cfg.num_experts)
         x_Md = x_Nd[disp.token]  # gather: one row per (token, slot), sorted by expert
         gate_Mf, up_Mf = self.input_linear(x_Md, disp.counts).chunk(2, dim=-1)
         h_Md = self.output_linear(F.silu(gate_Mf) * up_Mf, disp.counts)
         return combine(h_Md, weights_NK, disp)
+
+    def experts_inference(self, x_Nd: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """The no-grad path (call it under ``torch.no_grad``): in-place SwiGLU, no un-sort on CPU."""
+        if x_Nd.device.type != "cpu":  # index_add_ on GPUs sums with atomics: keep the deterministic combine
+            return self.experts_train(x_Nd, indices_NK, weights_NK)
+        order_M, token_M, counts_E = sort_by_expert(indices_NK, self.cfg.num_experts)
+        h_M2f = self.input_linear(x_Nd.index_select(0, token_M), counts_E)
+        f = h_M2f.shape[1] // 2
+        act_Mf = F.silu(h_M2f[:, :f], inplace=True).mul_(h_M2f[:, f:])  # SwiGLU in the gate half
+        return combine_add(self.output_linear(act_Mf, counts_E), weights_NK, order_M, token_M)
 
     def forward(self, x_BTd: torch.Tensor, ctx: AttnContext | None = None, graph_qk=None) -> LayerOutput:
         check_input(x_BTd, self.hidden_dim, "MoE")
