@@ -1,22 +1,27 @@
 """Layer benchmark (issue: core layers): MoE FFN, MoH and MoA against their baselines, fp32.
 
-    python benchmarks/bench_layers.py [--quick] [--threads N]
+    python benchmarks/bench_layers.py [--quick] [--threads N] [--rounds R] [--moe-only]
 
 Prints markdown tables. Every ratio compares two timings taken in the same run; every fast path is
-checked against its baseline's output before it is timed.
+checked against its baseline's output before it is timed. The MoE cases interleave their variants
+round by round (R rounds after one warm-up call each) and report medians: times as the median of
+the rounds, ratios as the median of the per-round ratios, so that load from other jobs on a shared
+machine hits every variant alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import stamp, table, timeit  # noqa: E402
+from common import cpu_model, stamp, table, timeit  # noqa: E402
 
 from mixattn import kernels  # noqa: E402
 from mixattn.kernels.sdpa import causal_sdpa  # noqa: E402
@@ -35,15 +40,47 @@ def hf_style_moe(x, w_in, w_out, topi, topw):
     return out
 
 
-def bench_moe(T, d, f, E, k, repeats):
+def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of each ``fn``, one call of every variant per round, variants in turn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def bench_moe(T, d, f, E, k, rounds):
+    """Routed experts only. "fwd" runs under no_grad, as inference does: MoE then takes its no-grad
+    path (in-place SwiGLU, index_add combine); "fwd+bwd" takes the differentiable path. The "grad
+    path" column times that differentiable path's forward under no_grad: what "fwd" ran before the
+    no-grad path existed."""
     moe = MoE(d, f, MoEConfig(router=RouterConfig(num_experts=E, top_k=k, gate_norm="renorm")))
     x = torch.randn(T, d, requires_grad=True)
     r = moe.router(x.detach()[None])
     topi, topw = r.indices, r.weights.detach()
     w_in, w_out = moe.input_linear.weight, moe.output_linear.weight
-    ours = lambda: moe.experts(x, topi, topw)  # noqa: E731
+
+    def ours(impl, path="experts"):
+        def run():
+            moe.input_linear.impl = moe.output_linear.impl = impl
+            return getattr(moe, path)(x, topi, topw)
+
+        return run
+
     hf = lambda: hf_style_moe(x, w_in, w_out, topi, topw)  # noqa: E731
-    torch.testing.assert_close(ours(), hf(), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(ours("auto")(), hf(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours("reference")(), hf(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours("auto")(), hf(), atol=1e-4, rtol=1e-4)
     g = torch.randn(T, d)
 
     def fb(fn):
@@ -53,20 +90,23 @@ def bench_moe(T, d, f, E, k, repeats):
     a = torch.randn(T * k, d)
     b1, b2 = torch.randn(d, 2 * f), torch.randn(f, d)
     h = torch.randn(T * k, f)
-    dense_t = timeit(lambda: (a @ b1, h @ b2), repeats)
     rows = []
     for mode, wrap in (("fwd", lambda fn: fn), ("fwd+bwd", fb)):
-        with torch.set_grad_enabled(mode != "fwd"):
-            t_hf = timeit(wrap(hf), repeats)
-            moe.input_linear.impl = moe.output_linear.impl = "reference"
-            t_loop = timeit(wrap(ours), repeats)
-            moe.input_linear.impl = moe.output_linear.impl = "auto"
-            t_ours = timeit(wrap(ours), repeats)
-        row = [f"MoE T={T} d={d} f={f} E={E} k={k}", mode, f"{T / t_ours:,.0f}", f"{T / t_loop:,.0f}",
-               f"{T / t_hf:,.0f}", f"**{t_hf / t_ours:.2f}x**"]  # fmt: skip
+        fns = {"hf": wrap(hf), "loop": wrap(ours("reference")), "ours": wrap(ours("auto"))}
         if mode == "fwd":
-            row.append(f"{flops / t_ours / 1e9:.1f} / {flops / dense_t / 1e9:.1f} = **{dense_t / t_ours:.0%}**")
+            fns["dense"] = lambda: (a @ b1, h @ b2)
+            fns["grad path"] = ours("auto", "experts_train")
+        with torch.set_grad_enabled(mode != "fwd"):
+            ts = interleaved(fns, rounds)
+        med = {name: statistics.median(v) for name, v in ts.items()}
+        row = [f"MoE T={T} d={d} f={f} E={E} k={k}", mode, f"{T / med['ours']:,.0f}", f"{T / med['loop']:,.0f}",
+               f"{T / med['hf']:,.0f}", f"**{median_ratio(ts['hf'], ts['ours']):.2f}x**"]  # fmt: skip
+        if mode == "fwd":
+            pct, pct_before = median_ratio(ts["dense"], ts["ours"]), median_ratio(ts["dense"], ts["grad path"])
+            row.append(f"{flops / med['ours'] / 1e9:.1f} / {flops / med['dense'] / 1e9:.1f} = **{pct:.0%}**")
+            row.append(f"{median_ratio(ts['hf'], ts['grad path']):.2f}x, {pct_before:.0%}")
         else:
+            row.append("")
             row.append("")
         rows.append(row)
     return rows
@@ -120,18 +160,24 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--rounds", type=int, help="interleaved MoE rounds (default 5, 1 with --quick)")
+    ap.add_argument("--moe-only", action="store_true", help="only the MoE table")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     rep = 1 if a.quick else 3
-    print(f"## Layer benchmark\n\n{stamp()}\n")
+    print(f"## Layer benchmark\n\nCPU: {cpu_model()}; {stamp()}\n")
     moe_cases = [(256, 64, 128, 8, 2), (256, 64, 64, 16, 4)] if a.quick else [
         (4096, 512, 1024, 8, 2), (4096, 512, 1024, 64, 8)]  # fmt: skip
-    rows = [r for c in moe_cases for r in bench_moe(*c, rep)]
-    print("### MoE FFN (routed experts only; tokens/s, higher is better)\n")
+    rounds = a.rounds or (1 if a.quick else 5)
+    rows = [r for c in moe_cases for r in bench_moe(*c, rounds)]
+    print(f"### MoE FFN (routed experts only; tokens/s, higher is better; medians of {rounds} interleaved rounds)\n")
     print(table(rows, ["case", "mode", "ours (grouped_mm)", "ours (reference loop)", "HF-style where loop",
-                       "ours vs HF", "fwd GFLOP/s: ours / dense matmul"]))  # fmt: skip
+                       "ours vs HF", "fwd GFLOP/s: ours / dense matmul",
+                       "fwd by the grad path: vs HF, % of dense"]))  # fmt: skip
+    if a.moe_only:
+        return
     T_moh = [256] if a.quick else [2048, 8192]
     rows = [bench_moh(T, 16, 64, s, k, rep) for T in T_moh for s, k in ((4, 4), (8, 4))]
     print("\n### MoH attention core vs dense causal MHA (ms, lower is better)\n")
