@@ -11,9 +11,9 @@ def _seed():
     torch.manual_seed(0)
 
 
-def make_ctx(T: int, head_dim: int, offset: int = 0, cache=None, theta: float = 10000.0) -> AttnContext:
+def make_ctx(T: int, head_dim: int, offset: int = 0, cache=None, theta: float = 10000.0, kernels=None) -> AttnContext:
     cos, sin = RotaryEmbedding(head_dim, theta)(torch.arange(offset, offset + T))
-    return AttnContext(cos, sin, offset, cache)
+    return AttnContext(cos, sin, offset, cache, kernels=kernels)
 
 
 def grads(out: torch.Tensor, tensors, seed: int = 1):

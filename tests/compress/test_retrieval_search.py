@@ -1,7 +1,6 @@
 """The retrieval side of the plan search: copy sources, the copy profile, its weight in the MILP and
 selection of the candidate by generation hits."""
 
-import dataclasses
 
 import torch
 
@@ -29,7 +28,7 @@ def test_copy_sources_pairs_each_answer_row_with_every_prompt_occurrence():
 
 def test_copy_profile_holds_the_attention_on_the_copied_tokens():
     torch.manual_seed(0)
-    model = MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=512)).double().eval()
+    model = MixtureLM(PRESETS["tiny"].evolve(max_seq_len=512)).double().eval()
     T, start = 160, 150
     ids = torch.randint(10, 256, (T,), generator=torch.Generator().manual_seed(1))
     ids[20:30] = ids[start:T]  # the answer is copied from positions 20..29 (block 0; its rows are in block 2)
@@ -40,10 +39,7 @@ def test_copy_profile_holds_the_attention_on_the_copied_tokens():
     assert copy[..., 2, 0].min() > 0  # every head puts some attention on the sources
     assert copy.sum() == copy[..., 2, 0].sum()  # ... and the profile holds nothing else
     # brute force for layer 0: sum over the group's query heads of A[row, source]
-    caps = []
-    for m in profiling.attention_modules(model):
-        m.capture = caps
-    with torch.enable_grad():
+    with profiling.capture(profiling.attention_modules(model)) as caps, torch.no_grad():
         model(ids[None])
     q, k = caps[0][0][0], caps[0][1][0]
     G = q.shape[0] // k.shape[0]
@@ -73,7 +69,7 @@ def test_the_copy_weight_keeps_the_copying_head_full():
 
 def test_validation_prefers_retrieval_hits_over_answer_loss(monkeypatch):
     torch.manual_seed(0)
-    model = MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=512)).float().eval()
+    model = MixtureLM(PRESETS["tiny"].evolve(max_seq_len=512)).float().eval()
     ids = torch.randint(0, 256, (128,), generator=torch.Generator().manual_seed(2))
     mask = torch.zeros(128, dtype=torch.bool)
     mask[-5:-1] = True

@@ -1,6 +1,5 @@
 """Plan search: the profiler's first-order estimate, the MILP, the pipeline and its errors."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -19,7 +18,7 @@ from mixattn.models import PRESETS, MixtureLM
 
 def _tiny_double():
     torch.manual_seed(0)
-    return MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=512)).double().eval()
+    return MixtureLM(PRESETS["tiny"].evolve(max_seq_len=512)).double().eval()
 
 
 def _sample(T=40):
@@ -57,12 +56,8 @@ def _with_score_bias(monkeypatch, layer, head, i, j, bias):
 def test_influence_matches_finite_differences(monkeypatch):
     model = _tiny_double()
     ids, mask = _sample()
-    caps = []
-    for layer in model.layers:
-        layer.attn.capture = caps
-    _loss(model, ids, mask).backward()
-    for layer in model.layers:
-        layer.attn.capture = None
+    with profiling.capture(profiling.attention_modules(model)) as caps:
+        _loss(model, ids, mask).backward()
     L, head, i, j = 1, 1, 30, 12
     q, k, v, o = caps[L]
     G = model.cfg.num_heads // model.cfg.num_kv_heads
@@ -108,7 +103,7 @@ def test_two_rules_per_layer_constraint_binds():
 
 def _saved_tiny(tmp_path):
     torch.manual_seed(0)
-    model = MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=1024))
+    model = MixtureLM(PRESETS["tiny"].evolve(max_seq_len=1024))
     mixattn.save(model, tmp_path / "tiny")
     return tmp_path / "tiny"
 

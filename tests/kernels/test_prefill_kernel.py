@@ -103,7 +103,7 @@ def test_autotune_keeps_the_fastest_and_caches_it_on_disk(tmp_path, monkeypatch)
 def test_auto_inference_runs_a_measured_kernel_and_matches_the_reference(tmp_path, monkeypatch):
     """attend() with impl "auto" and no gradient: whichever kernel the timing picks, the output is
     the reference's; the choice lands in the cache file under the sparse_attention op."""
-    from mixattn.layers.sparse import _pick
+    from mixattn.kernels.sparse_auto import choose
 
     monkeypatch.setenv("MIXATTN_KERNEL_CHOICES", str(tmp_path / "c.json"))
     monkeypatch.setenv("MIXATTN_AUTOTUNE", "1")
@@ -111,7 +111,7 @@ def test_auto_inference_runs_a_measured_kernel_and_matches_the_reference(tmp_pat
     q, k, v, sink, span, _ = _long_case(300, [4, 4], [60, 60], seed=3)
     q, k, v = q.float(), k.float(), v.float()
     with torch.no_grad():
-        name = _pick("auto", q, k, v, sink, span, None)
+        name = choose(q, k, v, sink, span, None)
         assert name in ("sdpa", "flex")
         out = kernels.get("sparse_attention", name)(q, k, v, sink, span)
         want = kernels.get("sparse_attention", "reference")(q, k, v, sink, span)

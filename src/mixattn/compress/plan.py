@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..kernels.sparse import span_at
 from ..paths import read_json, save_figure, write_text
 
 FORMAT = "mixattn-plan/1"
@@ -31,7 +32,7 @@ class HeadRule:
     beta: float = 1.0
 
     def span(self, N: int) -> int:
-        return min(N, max(1, math.floor(self.alpha + self.beta * N)))
+        return span_at(self.alpha, self.beta, N)
 
     def kept(self, N: int) -> int:
         """KV entries this head keeps at reference length N."""

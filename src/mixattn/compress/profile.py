@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +123,58 @@ def attention_modules(model) -> list[Attention]:
     return mods
 
 
+@contextmanager
+def capture(mods: list[Attention]) -> Iterator[list[tuple]]:
+    """Record, per attention module and forward call, (q, k, v, o): q (B, H, T, D) and k (B, Hkv, T, D)
+    after RoPE, v (B, Hkv, T, D), and o (B, H, T, D), the attention output before ``o_proj``, whose
+    ``.grad`` after a backward is dL/do. Forward hooks owned by the profiler: the layers know nothing
+    of profiling, and the hooks are gone when the block exits, even on an error."""
+    caps: list[tuple] = []
+    seen: dict[int, dict] = {}
+
+    def on_v(mod, _inp, out):
+        seen.setdefault(id(mod), {})["v"] = out.detach()
+
+    def on_o(mod, inp):
+        o = inp[0]
+        if o.requires_grad:  # gradient profiling needs dL/do
+            o.retain_grad()
+        seen.setdefault(id(mod), {})["o"] = o
+
+    def on_attn(mod, _inp, out):
+        got = seen.pop(id(mod))
+        q, k = out.graph_qk
+        B, T, _ = got["o"].shape
+        v = got["v"].view(B, T, k.shape[1], -1).transpose(1, 2)
+        o = got["o"].view(B, T, q.shape[1], -1).transpose(1, 2)  # a view: its .grad is read from got["o"]
+        caps.append((q.detach(), k.detach(), v, _Grad(got["o"], o.shape)))
+
+    handles = []
+    for m in mods:
+        # one key for the module's two sub-hooks: v_proj and o_proj report under the attention module
+        handles.append(m.v_proj.register_forward_hook(lambda _m, i, o, m=m: on_v(m, i, o)))
+        handles.append(m.o_proj.register_forward_pre_hook(lambda _m, i, m=m: on_o(m, i)))
+        handles.append(m.register_forward_hook(on_attn))
+    try:
+        yield caps
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Grad:
+    """The captured attention output o (B, H, T, D): ``.grad`` is o_proj's input gradient, reshaped."""
+
+    def __init__(self, o_BTX: torch.Tensor, shape: torch.Size):
+        self._o, self._shape = o_BTX, shape
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        g = self._o.grad
+        B, H, T, D = self._shape
+        return None if g is None else g.view(B, T, H, D).transpose(1, 2)
+
+
 def run(model, samples, lengths, path=None, resume: bool = False, progress: bool = True) -> Profile:
     """Profile ``model`` on calibration ``samples``; saved to ``path`` after each sample (resumable)."""
     mods = attention_modules(model)
@@ -141,10 +195,8 @@ def run(model, samples, lengths, path=None, resume: bool = False, progress: bool
         for s in samples[prof.done :]:
             if s.length not in prof.influence:
                 raise ValueError(f"calibration sample of length {s.length} is not among the profile lengths {lengths}")
-            caps: list = []
-            for m in mods:
-                m.capture = caps
-            logits = model(s.ids[None]).logits[0]
+            with capture(mods) as caps:
+                logits = model(s.ids[None]).logits[0]
             target = s.ids[1:][s.answer_mask[:-1]]
             loss = F.cross_entropy(logits[:-1][s.answer_mask[:-1]].float(), target)
             loss.backward()
@@ -161,8 +213,6 @@ def run(model, samples, lengths, path=None, resume: bool = False, progress: bool
                         mass[layer, kv] += _mass_outside(A) / G
                         if pairs:
                             prof.copy[s.length][layer, kv] += _copy_blocks(A, pairs, nb)
-            for m in mods:
-                m.capture = None
             model.zero_grad(set_to_none=True)
             prof.counts[s.length] += 1
             prof.done += 1
@@ -171,8 +221,6 @@ def run(model, samples, lengths, path=None, resume: bool = False, progress: bool
                 prof.save(path)
             bar.update(1)
     finally:
-        for m in mods:
-            m.capture = None
         bar.close()
     prof.scores["induction"] = induction_scores(model)
     if path is not None:
@@ -188,15 +236,8 @@ def induction_scores(model, n: int = 256, seed: int = 0) -> torch.Tensor:
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
     r = torch.randint(0, cfg.vocab_size, (n,), generator=g)
-    caps: list = []
-    for m in mods:
-        m.capture = caps
-    try:
-        with torch.enable_grad():  # retain_grad in the capture hook needs a graph; nothing is backpropagated
-            model(torch.cat([r, r])[None])
-    finally:
-        for m in mods:
-            m.capture = None
+    with capture(mods) as caps:
+        model(torch.cat([r, r])[None])
     G = cfg.num_heads // cfg.num_kv_heads
     out = torch.zeros(cfg.num_layers, cfg.num_kv_heads)
     i = torch.arange(n + 1, 2 * n)
@@ -212,15 +253,8 @@ def mass_outside_scores(model, ids: torch.Tensor) -> torch.Tensor:
     """The cheap DuoAttention/RazorAttention-style score on one text (T,): (L, Hkv), no backward."""
     mods = attention_modules(model)
     cfg = model.cfg
-    caps: list = []
-    for m in mods:
-        m.capture = caps
-    try:
-        with torch.enable_grad():
-            model(ids[None])
-    finally:
-        for m in mods:
-            m.capture = None
+    with capture(mods) as caps:
+        model(ids[None])
     G = cfg.num_heads // cfg.num_kv_heads
     out = torch.zeros(cfg.num_layers, cfg.num_kv_heads)
     for layer, (q, k, _, _) in enumerate(caps):

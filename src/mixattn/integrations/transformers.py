@@ -4,7 +4,7 @@ reversibly, through transformers' own extension points: no forked modeling file,
 - ``apply_plan(model, plan)`` gives every attention module its layer's rules (a ``SparseSpec``) and
   switches the model to the attention function ``"mixattn"``, registered in transformers'
   ``AttentionInterface`` (and a key-padding mask function in ``AttentionMaskInterface``). The
-  function is mixattn's own ``layers.sparse.attend``: compiled FlexAttention at inference where a
+  function is mixattn's own ``layers.dispatch.attend``: compiled FlexAttention at inference where a
   one-time probe (``flex_works``) finds it runs and agrees with the reference, exact masked SDPA
   (``reference``) otherwise and for short sequences, ``blocked`` when gradients are needed (``impl``
   picks one). ``remove_plan(model)`` restores the previous attention.
@@ -38,7 +38,8 @@ from ..compress.plan import Plan
 from ..kernels.sparse import FLEX_MIN_LEN
 from ..layers.attention import AttnContext
 from ..layers.cache import RaggedKVCache
-from ..layers.sparse import SparseSpec, attend
+from ..layers.dispatch import attend
+from ..layers.sparse import SparseSpec
 
 NAME = "mixattn"  # the attention implementation name registered with transformers
 SUPPORTED = ("llama", "mistral", "qwen2")  # config.model_type

@@ -4,11 +4,16 @@ Every op has a slow ``reference`` implementation (in ``reference.py``) that test
 ones against, outputs and gradients. Layers pick an implementation by name through ``get(op, impl)``;
 an unknown op or impl raises ``ValueError`` listing the valid names.
 
-Ops registered here:
+Ops registered here (every op has an ``auto`` implementation: the fast path, or a chooser that
+picks one of the others for the inputs at hand; ``auto`` is resolved nowhere else):
+    attention(q (B, H, Tq, D), k, v (B, Hkv, Tk, D), q_offset, left_pad) -> (B, H, Tq, D): dense causal
     grouped_linear(x_sorted (N, in), weight (E, out, in), counts (E,)) -> (N, out)
     head_sparse_attention(q (B, H, T, D), k, v (B, Hkv, T, D), active (B, T, H) bool, q_offset, left_pad)
         -> (B, T, H, D)
     sparse_attention(q (B, H, T, D), k, v (B, Hkv, T, D), sink (Hkv,), span (Hkv,), left_pad) -> (B, H, T, D)
+    ragged_attention(q (B, H, 1, D), groups, perm, row_len) -> (B, H, 1, D): decode over a ragged cache
+    ragged_chunk_attention(q (B, H, T, D), k, v (B, Hkv, T, D), kept, sink, span, L): chunked prefill
+    relative_attention(...): RCMHA's content + relative-position scores (``relative.py``)
 
 Where several fast implementations compute the same function and the winner depends on the machine,
 ``autotune.choose`` picks one by timing them on first use (cached on disk per CPU, torch, dtype, shape).
@@ -49,4 +54,4 @@ def get(op: str, impl: str = "auto") -> Callable:
 
 
 # Registration happens on import of these modules (they only define functions).
-from . import grouped, head_sparse, reference, sparse, sparse_sdpa  # noqa: E402,F401
+from . import grouped, head_sparse, ragged, reference, relative, sdpa, sparse, sparse_auto, sparse_sdpa  # noqa: E402,F401

@@ -6,11 +6,40 @@ Hkv key/value heads, T tokens, D head dim.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from . import register
 from .sdpa import causal_sdpa
+
+
+def masked_attention(q_BHQD, k_BKTD, v_BKTD, mask=None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v in fp32 math, GQA by repeating K/V.
+
+    ``mask``: boolean, broadcastable to (B, H, Tq, Tk), True where a key is seen. (B, H, Tq, Dv)."""
+    G = q_BHQD.shape[1] // k_BKTD.shape[1]
+    k, v = k_BKTD.repeat_interleave(G, 1).float(), v_BKTD.repeat_interleave(G, 1).float()
+    s = q_BHQD.float() @ k.transpose(-1, -2) / math.sqrt(q_BHQD.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v).to(q_BHQD.dtype)
+
+
+@register("attention", "reference")
+def attention_reference(q_BHQD, k_BKTD, v_BKTD, q_offset: int = 0, left_pad=None) -> torch.Tensor:
+    """Causal attention by the definition (``causal_sdpa``'s contract): query i sits at position
+    q_offset + i and sees key j <= that position; with ``left_pad`` (B,) a row's padded keys are
+    never seen and a padded query sees only itself."""
+    Tq, Tk, dev = q_BHQD.shape[2], k_BKTD.shape[2], q_BHQD.device
+    q_pos = torch.arange(q_offset, q_offset + Tq, device=dev)[:, None]
+    k_pos = torch.arange(Tk, device=dev)[None, :]
+    mask = k_pos <= q_pos  # (Tq, Tk)
+    if left_pad is not None:
+        pad = left_pad.to(dev)[:, None, None, None]  # (B, 1, 1, 1)
+        mask = (mask & (k_pos >= pad)) | ((q_pos < pad) & (k_pos == q_pos))
+    return masked_attention(q_BHQD, k_BKTD, v_BKTD, mask)
 
 
 @register("grouped_linear", "reference")

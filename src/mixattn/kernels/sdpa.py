@@ -8,7 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import register
 
+
+@register("attention", "sdpa")
 def causal_sdpa(
     q_BHQD: torch.Tensor,
     k_BKTD: torch.Tensor,
@@ -44,3 +47,6 @@ def causal_sdpa(
     q_pos = torch.arange(q_offset, q_offset + Tq, device=q_BHQD.device)
     mask_QT = q_pos[:, None] >= torch.arange(Tk, device=q_BHQD.device)[None, :]
     return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, attn_mask=mask_QT, enable_gqa=gqa)
+
+
+register("attention", "auto")(causal_sdpa)  # the fused kernel is the fast path on every device

@@ -25,6 +25,7 @@ Legend: B batch, H query heads, Hkv KV heads, G = H / Hkv, T tokens, D head dim,
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,12 @@ from . import register
 
 BLOCK = 128  # query block of the blocked kernel; flex uses its own 128 default
 FLEX_MIN_LEN = 128  # shorter sequences are one flex block: exact reference instead (see the docstring)
+
+
+def span_at(alpha: float, beta: float, N: int) -> int:
+    """MoA's elastic span at reference length N: min(N, max(1, floor(alpha + beta N))). The one
+    definition of the rule; plans (``HeadRule.span``), layers (``SparseSpec``) and caches use it."""
+    return min(N, max(1, math.floor(alpha + beta * N)))
 
 
 def rule_mask(T: int, sink: torch.Tensor, span: torch.Tensor, q_offset: int = 0, Tk: int | None = None):

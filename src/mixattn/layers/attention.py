@@ -10,15 +10,17 @@ Legend: B batch, T tokens, d hidden dim, H query heads, Hkv KV heads, D head dim
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .cache import KVCache
+from .dispatch import attend
 from .norm import RMSNorm
 from .routers import RouterOutput
-from .sparse import SparseSpec, attend
+from .sparse import SparseSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,9 +39,7 @@ class AttentionConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"attention {name} must be >= 1, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.qk_norm not in ("none", "rms"):
             raise ValueError(f"qk_norm={self.qk_norm!r} is not one of ('none', 'rms')")
 
@@ -59,6 +59,7 @@ class AttnContext:
     cache: KVCache | None = None  # or a RaggedKVCache when a sparse plan is applied
     ref_len: int | None = None  # sparse plans: reference length N (generation: prompt + max_new_tokens)
     left_pad: torch.Tensor | None = None  # (B,) padding tokens at the start of each row, never attended to
+    kernels: Mapping[str, str] | None = None  # {op: impl} the model chose (MixtureConfig.kernels); others "auto"
 
 
 @dataclass
@@ -141,7 +142,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, Hkv * D, bias=cfg.bias)
         self.o_proj = nn.Linear(H * D, d, bias=cfg.out_bias)
         self.sparse: SparseSpec | None = None  # set by compress.apply_plan
-        self.capture: list | None = None  # compress.profile appends (q, k, v, o) here while profiling
         self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm == "rms" else None
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm == "rms" else None
 
@@ -170,8 +170,5 @@ class Attention(nn.Module):
         q = self.project_q(x_BTd, ctx)
         k, v = self.project_kv(x_BTd, ctx)
         o_BHTD = attend(q, k, v, ctx, self.sparse)
-        if self.capture is not None:  # gradient profiling needs dL/do; q, k, v let it rebuild A per layer
-            o_BHTD.retain_grad()
-            self.capture.append((q.detach(), k.detach(), v.detach(), o_BHTD))
         y = self.o_proj(o_BHTD.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, d)
         return LayerOutput(y, None, (q, k))

@@ -22,8 +22,8 @@ import math
 import torch
 from torch import nn
 
-from ..kernels.sdpa import causal_sdpa
 from .attention import AttentionConfig, AttnContext, LayerOutput, apply_rotary, check_input
+from .dispatch import dense, kernel
 from .routers import Router, RouterConfig
 
 
@@ -81,7 +81,7 @@ class BAMAttention(_SoftMixture):
         if ctx.cache is not None:  # one cache per expert, stacked along the batch axis
             k, v = ctx.cache.extend("k", k), ctx.cache.extend("v", v)
         pad = ctx.left_pad.repeat(E) if ctx.left_pad is not None else None  # rows are (expert, batch)
-        o = causal_sdpa(q, k, v, ctx.q_offset, pad).transpose(1, 2).reshape(E, B * T, H * D)
+        o = kernel(ctx, "attention")(q, k, v, ctx.q_offset, pad).transpose(1, 2).reshape(E, B * T, H * D)
         y = self.mix(torch.matmul(o, self.o_proj.transpose(1, 2)), r)  # (E, N, d) -> (N, d)
         return LayerOutput(y.view(B, T, d), r, None)
 
@@ -109,7 +109,7 @@ class BAMSharedKVAttention(_SoftMixture):
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.extend("k", k), ctx.cache.extend("v", v)
-        o = causal_sdpa(q, k, v, ctx.q_offset, ctx.left_pad).view(B, Hkv, E, G, T, D)
+        o = dense(q, k, v, ctx).view(B, Hkv, E, G, T, D)
         o = o.permute(2, 0, 4, 1, 3, 5).reshape(E, B * T, Hkv * G * D)  # (E, N, H*D), heads (kv, g)
         y = self.mix(torch.matmul(o, self.o_proj.transpose(1, 2)), r)
         return LayerOutput(y.view(B, T, d), r, (q, k))

@@ -11,7 +11,6 @@ Legend: B batch, H heads, T cached tokens, D channels.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def check_left_pad(left_pad: torch.Tensor | None, B: int, length: int) -> torch.Tensor | None:
@@ -69,7 +68,8 @@ class RaggedKVCache:
     Heads with equal capacity sit next to each other in the buffer, so each such group is one
     strided (B, heads, cap, D) view and a decode step costs one SDPA call per distinct capacity
     (one per layer for a uniform plan), without masks: the first ``min(length, cap)`` slots of a
-    head always hold exactly the keys its newest query may see (see ``attend``).
+    head always hold exactly the keys its newest query may see (``decode_view``). The cache only
+    stores; the attention over it is ``kernels.ragged``.
     """
 
     def __init__(self, sink: torch.Tensor, span: torch.Tensor, ref_len: int):
@@ -171,66 +171,40 @@ class RaggedKVCache:
         keep = (p >= 0) & ((p < self.sink[h]) | (last - t < self.span[h]) | (self.caps[h] >= self.ref_len))
         return self.offsets[h] + self._local(h, p[keep]), keep
 
-    def attend(self, q_BH1D: torch.Tensor) -> torch.Tensor:
-        """Attention of the newest query (position length-1) over the cache: (B, H, 1, D).
+    def decode_view(self) -> tuple[list, tuple | None, torch.Tensor | None]:
+        """What the newest query (position length-1) may see, for ``kernels.ragged``: per group of
+        equal-capacity heads, in buffer order, the first ``n = min(length, cap)`` slots of each head
+        as strided (B, heads, n, D) views of K and V; the (order, inverse) head permutation or None;
+        and each row's own length (B,) under left padding, else None.
 
         No window mask is needed: positions below ``cap`` sit in slots equal to their position, and
-        once the window has wrapped its ``span`` slots hold exactly the last ``span`` positions, so
-        the first ``min(length, cap)`` slots of a head are what a sink + window query sees (with
-        left padding, a row's own length replaces ``length``: a (B, 1, 1, n) mask). Query heads of
-        one KV head ride on the query axis, so GQA needs no K/V expansion.
+        once the window has wrapped its ``span`` slots hold exactly the last ``span`` positions.
         """
-        B, H, Tq, D = q_BH1D.shape
-        if Tq != 1:
-            raise ValueError(f"a ragged KV cache decodes one query at a time, got {Tq}")
-        Hkv = len(self.caps)
-        q_BKGD = q_BH1D.reshape(B, Hkv, H // Hkv, D)
-        if self._perm is not None:
-            q_BKGD = q_BKGD.index_select(1, self._perm[0])  # buffer order
-        rows_len = None if self.left_pad is None else (self.length - self.left_pad)[:, None, None, None]  # (B,1,1,1)
-        outs, h0, start = [], 0, 0
+        B, D = self.k.shape[0], self.k.shape[2]
+        groups, start = [], 0
         for heads, cap in self.groups:
             n = min(self.length, cap)
-            kv = [x[:, start : start + heads * cap].view(B, heads, cap, D)[:, :, :n] for x in (self.k, self.v)]
-            # a padded row has written fewer slots: its first min(row length, cap) are the valid ones
-            mask = None if rows_len is None else torch.arange(n, device=q_BH1D.device) < rows_len
-            outs.append(F.scaled_dot_product_attention(q_BKGD[:, h0 : h0 + heads], *kv, attn_mask=mask))
-            h0, start = h0 + heads, start + heads * cap
-        o_BKGD = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        if self._perm is not None:
-            o_BKGD = o_BKGD.index_select(1, self._perm[1])  # back to head order
-        return o_BKGD.reshape(B, H, 1, D)
+            groups.append(tuple(x[:, start : start + heads * cap].view(B, heads, cap, D)[:, :, :n] for x in (self.k, self.v)))
+            start += heads * cap
+        row_len = None if self.left_pad is None else self.length - self.left_pad
+        return groups, self._perm, row_len
 
-    def attend_chunk(self, q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> torch.Tensor:
-        """Chunked prefill: T new queries at positions ``length .. length+T-1`` attend over what the
-        cache holds plus their own keys, which are then written. (B, H, T, D).
-
-        The cache keeps every key a later query can still see (sink, and the last ``span`` positions),
-        so per head the old keys are read back in position order (before the write, which may reuse
-        their slots) and joined to the new ones, with a (T, kept + T) mask built from the rule.
-        """
+    def kept(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per KV head, the cached keys a later query can still see, in position order: (positions
+        (n,), k (B, n, D), v (B, n, D)): the sink, and the last ``span - 1`` positions (the newest
+        query's window also covers itself). Read before the next write, which may reuse their slots."""
         if self.left_pad is not None:
             raise ValueError("chunked prefill with a ragged cache does not support left padding")
-        B, H, T, D = q_BHTD.shape
-        Hkv, L, dev = len(self.caps), self.length, q_BHTD.device
-        G = H // Hkv
-        qp = torch.arange(L, L + T, device=dev)[:, None]
-        outs = []
-        for h in range(Hkv):
+        L, dev, out = self.length, self.k.device, []
+        for h in range(len(self.caps)):
             s, w = self.sink[h], self.span[h]
             if self.caps[h] >= self.ref_len:
                 pos = torch.arange(L, device=dev)
             else:
                 pos = torch.cat([torch.arange(min(s, L), device=dev), torch.arange(max(s, L - w + 1), L, device=dev)])
             slots = self.offsets[h] + self._local(h, pos)
-            kp = torch.cat([pos, qp[:, 0]])[None, :]
-            mask = (kp <= qp) & ((kp < s) | (qp - kp < w))  # (T, kept + T)
-            kk = torch.cat([self.k[:, slots], k_BHTD[:, h]], dim=1)[:, None]  # (B, 1, kept + T, D)
-            vv = torch.cat([self.v[:, slots], v_BHTD[:, h]], dim=1)[:, None]
-            outs.append(F.scaled_dot_product_attention(q_BHTD[:, h * G : (h + 1) * G], kk, vv, attn_mask=mask,
-                                                       enable_gqa=G > 1))  # fmt: skip
-        self.write(k_BHTD, v_BHTD)
-        return torch.cat(outs, dim=1)
+            out.append((pos, self.k[:, slots], self.v[:, slots]))
+        return out
 
     def extend(self, name: str, x_BHTD: torch.Tensor) -> torch.Tensor:
         """Dense append-only state other than K/V (``KVCache.extend``): token-graph routers keep

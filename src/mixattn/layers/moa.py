@@ -22,17 +22,16 @@ from torch import nn
 
 from .attention import AttentionConfig, AttnContext, LayerOutput, apply_rotary, check_input
 from .cache import KVCache
+from .dispatch import attend
 from .experts import ExpertLinear, combine, make_dispatch
 from .routers import Router, RouterConfig
-from .sparse import SparseSpec, attend
+from .sparse import SparseSpec
 
 
 @dataclass(frozen=True, kw_only=True)
 class MoAConfig:
     # JetMoE gates: softmax over the K selected logits
-    router: RouterConfig = field(
-        default_factory=lambda: RouterConfig(num_experts=8, top_k=2, gate_norm="softmax_topk")
-    )
+    router: RouterConfig = field(default_factory=lambda: RouterConfig(num_experts=8, top_k=2, gate_norm="softmax_topk"))
     bias: bool = True  # output bias added once after the gated sum (JetMoE)
     impl: str = "auto"  # grouped_linear kernel
 

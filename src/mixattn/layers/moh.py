@@ -25,12 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import kernels
-from ..kernels.sdpa import causal_sdpa
 from .attention import Attention, AttentionConfig, AttnContext, LayerOutput, apply_rotary, check_input
 from .cache import RaggedKVCache
+from .dispatch import attend, dense, kernel
 from .routers import Router, RouterConfig, query_norm_logits
-from .sparse import attend
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +37,6 @@ class MoHConfig:
     top_k: int = 1  # routed heads chosen per token among the num_heads - shared_heads others
     scoring: str = "learned"  # learned (two-stage routing) | query_norm (parameter-free, MoH-LLaMA3)
     gate_scale: str = "mha"  # mha: code scale factors, untrained router == MHA | paper: eqs. 5-6 as written
-    impl: str = "auto"  # head_sparse_attention kernel
     # The routed heads' router. None: the MoH papers' routing, derived from scoring and gate_scale.
     # Given: any RouterConfig (noise, selection bias, graphs...) with num_experts = the routed heads
     # and top_k = top_k above.
@@ -69,7 +66,6 @@ class MoHAttention(Attention):
         Hr = H - Hs
         if not 1 <= cfg.top_k <= Hr:
             raise ValueError(f"MoH top_k={cfg.top_k} must be in [1, routed heads={Hr}] (num_heads={H})")
-        kernels.get("head_sparse_attention", cfg.impl)
         self.moh = cfg
         learned, mha = cfg.scoring == "learned", cfg.gate_scale == "mha"
         self.router = Router(attn.hidden_dim, cfg.router or self.default_router(cfg, Hr))
@@ -143,10 +139,10 @@ class MoHAttention(Attention):
         parts = []
         if Hs:
             shared = range(0, Hs)
-            o_sh = causal_sdpa(q[:, :Hs], self._kv_for(shared, k), self._kv_for(shared, v), ctx.q_offset, ctx.left_pad)
+            o_sh = dense(q[:, :Hs], self._kv_for(shared, k), self._kv_for(shared, v), ctx)
             parts.append(o_sh.transpose(1, 2))  # (B, T, Hs, D)
         routed = range(Hs, H)
-        sparse = kernels.get("head_sparse_attention", self.moh.impl)
+        sparse = kernel(ctx, "head_sparse_attention")
         parts.append(
             sparse(
                 q[:, Hs:],

@@ -29,11 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from ..kernels import relative as _relative  # noqa: F401  (registers the relative_attention op)
 from .attention import Attention, AttentionConfig, AttnContext, LayerOutput, apply_rotary, check_input
 from .cache import KVCache
-from .sparse import attend
+from .dispatch import attend, kernel
 
 POSITIONS = ("relative", "rope")
 
@@ -43,7 +41,6 @@ class RCMHAConfig:
     conv_kernel: int = 3  # causal depth-wise conv width on Q, K, V (Primer: 3); 0 = no convolution
     position: str = "relative"  # relative (Transformer-XL scores, no RoPE) | rope (as Attention)
     rel_theta: float = 10000.0  # base of the sinusoidal distance embeddings
-    impl: str = "auto"  # relative_attention kernel: auto (= sdpa) | sdpa | reference
 
     def __post_init__(self):
         if not isinstance(self.conv_kernel, int) or self.conv_kernel < 0:
@@ -52,7 +49,6 @@ class RCMHAConfig:
             raise ValueError(f"RCMHA position={self.position!r} is not one of {POSITIONS}")
         if self.rel_theta <= 1:
             raise ValueError(f"RCMHA rel_theta must be > 1, got {self.rel_theta}")
-        kernels.get("relative_attention", self.impl)  # names the valid implementations if unknown
 
 
 class ConvKVCache(KVCache):
@@ -173,6 +169,6 @@ class RCMHAttention(Attention):
             r_HLD = self.distance_table(k.shape[2], x_BTd.device)
             qc = q + self.pos_bias_u[None, :, None, :].to(q.dtype)
             qp = q + self.pos_bias_v[None, :, None, :].to(q.dtype)
-            o_BHTD = kernels.get("relative_attention", self.rc.impl)(qc, qp, k, v, r_HLD, ctx.q_offset, ctx.left_pad)
+            o_BHTD = kernel(ctx, "relative_attention")(qc, qp, k, v, r_HLD, ctx.q_offset, ctx.left_pad)
         y = self.o_proj(o_BHTD.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, d)
         return LayerOutput(y, None, (q, k))

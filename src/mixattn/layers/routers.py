@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels.sdpa import causal_sdpa
+from .. import kernels
 
 SCORINGS = ("softmax", "sigmoid", "query_norm")
 SELECT_ON = ("logits", "probs")
@@ -180,13 +180,13 @@ class Router(nn.Module):
             if cache is not None:
                 keys_B1Td = cache.extend("router_keys", keys_B1Td)
             queries = x_BTd.unsqueeze(1) / self.cfg.graph_temperature
-            out_B1TE = causal_sdpa(queries, keys_B1Td, p_B1TE, q_offset, left_pad)
+            out_B1TE = kernels.get("attention")(queries, keys_B1Td, p_B1TE, q_offset, left_pad)
             return out_B1TE.squeeze(1).reshape(B * T, E).float()
         if graph_qk is None:
             raise ValueError("attention-aware routing needs the preceding attention's (q, k)")
         q_BHTD, k_BKTD = graph_qk
         v_BKTE = p_B1TE.expand(-1, k_BKTD.shape[1], -1, -1)
-        out_BHTE = causal_sdpa(q_BHTD, k_BKTD, v_BKTE, q_offset, left_pad)
+        out_BHTE = kernels.get("attention")(q_BHTD, k_BKTD, v_BKTE, q_offset, left_pad)
         return out_BHTE.mean(dim=1).reshape(B * T, E).float()
 
     @torch.no_grad()
