@@ -33,7 +33,7 @@ MiB = 2**20
 def configs(quick: bool) -> dict:
     base = PRESETS["tiny-moe"] if quick else PRESETS["small-moe"]
     name = "tiny-moe" if quick else "small-moe"
-    wide = replace(base, moe=replace(base.moe, router=replace(base.moe.router, num_experts=4 * base.moe.num_experts)))
+    wide = base.evolve(moe=replace(base.moe, router=replace(base.moe.router, num_experts=4 * base.moe.num_experts)))
     return {name: base, f"{name}, {wide.moe.num_experts} experts": wide}
 
 

@@ -2,7 +2,6 @@
 an interrupted, terminated or crashing command (130, 143, 1, and the traceback under
 MIXATTN_DEBUG=1), and the optimizer's density sweep (`pareto`)."""
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from mixattn.train.loop import Terminated
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("cli") / "tiny"
-    mixattn.save(MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=4096)), path)
+    mixattn.save(MixtureLM(PRESETS["tiny"].evolve(max_seq_len=4096)), path)
     return path
 
 

@@ -3,7 +3,6 @@ attention matrices are built explicitly in a patched ``attend`` and dL/dA comes 
 profiler instead rebuilds A from captured q, k and gets dL/dA as dL/do v^T). Influence block sums,
 the mass-outside score, the copy profile and the induction score are then written out as loops."""
 
-import dataclasses
 import math
 
 import pytest
@@ -22,7 +21,7 @@ NB = math.ceil(T / BLOCK)
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=1024)).double().eval()
+    return MixtureLM(PRESETS["tiny"].evolve(max_seq_len=1024)).double().eval()
 
 
 def _sample():

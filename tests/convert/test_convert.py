@@ -1,6 +1,5 @@
 """Conversions: exact equivalences at initialisation, clear errors, and the CLI path."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -98,7 +97,7 @@ def test_cli_convert_export_and_continue_training(tmp_path, monkeypatch, capsys)
     corpus = tmp_path / "c.txt"
     corpus.write_text("abc " * 2000)
     # continue-training on a byte corpus needs a byte-level model: use a native one
-    tiny = MixtureLM(dataclasses.replace(PRESETS["tiny"], vocab_size=256))
+    tiny = MixtureLM(PRESETS["tiny"].evolve(vocab_size=256))
     mixattn.save(tiny, tmp_path / "tiny")
     assert main(["convert", str(tmp_path / "tiny"), "--to", "moh", "--active-fraction", "0.75",
                  "--out", str(tmp_path / "tmoh")]) == 0  # fmt: skip
@@ -106,7 +105,7 @@ def test_cli_convert_export_and_continue_training(tmp_path, monkeypatch, capsys)
                  "--batch-size", "2", "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1",
                  "--out", str(tmp_path / "ct")]) == 0  # fmt: skip
     # BAM from models with different shapes: a one-line error and nothing written
-    b = MixtureLM(dataclasses.replace(PRESETS["tiny"], ffn_dim=96))
+    b = MixtureLM(PRESETS["tiny"].evolve(ffn_dim=96))
     mixattn.save(b, tmp_path / "other")
     capsys.readouterr()
     assert main(["convert", str(tmp_path / "tiny"), str(tmp_path / "other"), "--to", "bam",

@@ -121,13 +121,12 @@ def test_prompts_use_the_tokenizers_chat_template():
 def test_scoring_a_real_model_generates_its_greedy_tokens():
     """retrieval.score decodes through the prefilled cache: its text is model.generate's greedy text,
     for every token up to max_new_tokens (1 included)."""
-    import dataclasses
 
     from mixattn.eval import retrieval
     from mixattn.models import PRESETS, MixtureLM
 
     torch.manual_seed(0)
-    model = MixtureLM(dataclasses.replace(PRESETS["tiny"], max_seq_len=2048)).eval()
+    model = MixtureLM(PRESETS["tiny"].evolve(max_seq_len=2048)).eval()
     tok = byte_tok()
     s = tasks.make("passkey", tok, haystack(tok), 400, 0.5, 3)
     P = len(s.prompt_ids)

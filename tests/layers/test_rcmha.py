@@ -12,9 +12,10 @@ from mixattn.compress.apply import apply_plan
 from mixattn.compress.plan import Plan
 from mixattn.layers import Attention, AttentionConfig, ConvKVCache, KVCache, RCMHAConfig, RCMHAttention
 from mixattn.layers.attention import apply_rotary
+from mixattn.layers.dispatch import attend
 from mixattn.layers.rcmha import causal_depthwise_conv
-from mixattn.layers.sparse import SparseSpec, attend
-from mixattn.models.config import from_name
+from mixattn.layers.sparse import SparseSpec
+from mixattn.models.config import PRESETS, from_name
 from mixattn.models.decoder import MixtureLM
 from tests.conftest import assert_fp_close, grads, make_ctx
 
@@ -193,8 +194,8 @@ def test_bad_config_and_misuse_raise_clear_errors():
         RCMHAConfig(conv_kernel=-1)
     with pytest.raises(ValueError, match="position"):
         RCMHAConfig(position="alibi")
-    with pytest.raises(ValueError, match="implementation"):
-        RCMHAConfig(impl="flash")
+    with pytest.raises(ValueError, match="implementation 'flash' for 'relative_attention'"):
+        PRESETS["tiny-rcmha"].evolve(kernels={"relative_attention": "flash"})  # kernels are a model setting
     layer = RCMHAttention(_attn_cfg(), RCMHAConfig())
     with pytest.raises(ValueError, match="ConvKVCache"):
         layer(torch.randn(1, 3, 24), make_ctx(3, D, cache=KVCache()))

@@ -14,7 +14,7 @@ TINY = [n for n in PRESETS if n.startswith("tiny")]
 def test_forward_backward_every_preset(name):
     cfg = PRESETS[name]
     if name.startswith("small"):  # same code paths as tiny; keep CI fast with 1 layer
-        cfg = dataclasses.replace(cfg, num_layers=1)
+        cfg = cfg.evolve(num_layers=1)
     model = MixtureLM(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
     out = model(ids)
@@ -55,23 +55,23 @@ def test_graph_routers_in_a_model_decode_with_cache():
     base = PRESETS["tiny-moe"]
     for graph in ("similarity", "attention"):
         router = dataclasses.replace(base.moe.router, graph=graph, select_on="probs")
-        cfg = dataclasses.replace(base, moe=dataclasses.replace(base.moe, router=router))
+        cfg = base.evolve(moe=dataclasses.replace(base.moe, router=router))
         model = MixtureLM(cfg)
         prompt = torch.randint(0, 256, (1, 6))
         assert torch.equal(model.generate(prompt, 8), model.generate(prompt, 8, use_cache=False))
 
 
 def test_config_json_round_trip_and_errors():
-    cfg = dataclasses.replace(PRESETS["small-moa-moe"], attention=("moa",) * 5 + ("dense",))
+    cfg = PRESETS["small-moa-moe"].evolve(attention=("moa",) * 5 + ("dense",))
     assert MixtureConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="config.moe.router.nope"):
+    with pytest.raises(ValueError, match="config.layers.moe.router.nope"):
         d = cfg.to_dict()
-        d["moe"]["router"]["nope"] = 1
+        d["layers"]["moe"]["router"]["nope"] = 1
         MixtureConfig.from_dict(d)
     with pytest.raises(ValueError, match="lists 2 layers"):
-        dataclasses.replace(cfg, attention=("moa", "moa"))
+        cfg.evolve(attention=("moa", "moa"))
     with pytest.raises(ValueError, match="attention='mla'"):
-        dataclasses.replace(cfg, attention="mla")
+        cfg.evolve(attention="mla")
     with pytest.raises(ValueError, match="tiny-moh"):
         from_name("nope")
 
@@ -98,8 +98,8 @@ def test_one_expert_moe_model_equals_dense_model():
     base = PRESETS["tiny-moe"]
     from mixattn.layers import RouterConfig
 
-    cfg = dataclasses.replace(
-        base, moe=dataclasses.replace(base.moe, router=RouterConfig(num_experts=1, top_k=1), expert_ffn_dim=128)
+    cfg = base.evolve(
+        moe=dataclasses.replace(base.moe, router=RouterConfig(num_experts=1, top_k=1), expert_ffn_dim=128)
     )
     moe = MixtureLM(cfg)
     sd = {k: v for k, v in dense.state_dict().items() if ".ffn." not in k}
@@ -122,7 +122,7 @@ def test_one_expert_moe_model_equals_dense_model():
 def _graph_moe(graph: str) -> MixtureConfig:
     base = PRESETS["tiny-moe"]
     router = dataclasses.replace(base.moe.router, graph=graph, select_on="probs")
-    return dataclasses.replace(base, moe=dataclasses.replace(base.moe, router=router))
+    return base.evolve(moe=dataclasses.replace(base.moe, router=router))
 
 
 LEFT_PAD_MODELS = {name: PRESETS[name] for name in ("tiny", "tiny-moa", "tiny-moh", "tiny-moe", "tiny-bam")}

@@ -16,8 +16,8 @@ from mixattn.train.data import load_corpus
 from mixattn.train.loop import train
 
 # MoA attention experts and MoE FFN experts (4 each, top-2), global-batch balance, DeepSeek-V3 bias on the FFN router
-CFG = replace(PRESETS["tiny-moa-moe"], balance="global")
-CFG_BIAS = replace(CFG, moe=replace(CFG.moe, router=replace(CFG.moe.router, bias_rate=1e-3)))
+CFG = PRESETS["tiny-moa-moe"].evolve(balance="global")
+CFG_BIAS = CFG.evolve(moe=replace(CFG.moe, router=replace(CFG.moe.router, bias_rate=1e-3)))
 
 
 def batch(B: int = 4, T: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +74,7 @@ def _bad_input_errors(world) -> list[str]:
         world.local_rows(torch.zeros(world.world_size + 1, 2))
     except ValueError as e:
         messages.append(str(e))
-    odd = replace(CFG, moe=replace(CFG.moe, router=replace(CFG.moe.router, num_experts=3, top_k=1)))
+    odd = CFG.evolve(moe=replace(CFG.moe, router=replace(CFG.moe.router, num_experts=3, top_k=1)))
     try:
         sharded_model(odd)
     except ValueError as e:

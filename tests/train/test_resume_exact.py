@@ -27,7 +27,7 @@ def _config():
     """tiny-moe with router noise, the selection bias and global balance."""
     base = PRESETS["tiny-moe"]
     router = dataclasses.replace(base.moe.router, noise_std=0.5, bias_rate=0.05)
-    return dataclasses.replace(base, balance="global", moe=dataclasses.replace(base.moe, router=router))
+    return base.evolve(balance="global", moe=dataclasses.replace(base.moe, router=router))
 
 
 @pytest.fixture(scope="module")

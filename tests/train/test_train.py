@@ -75,7 +75,7 @@ def test_resume_after_interruption_is_exact(tmp_path, data):
 def test_global_balance_and_aux_free_bias_train(tmp_path, data):
     base = PRESETS["tiny-moe"]
     router = dataclasses.replace(base.moe.router, bias_rate=0.01)
-    cfg = dataclasses.replace(base, balance="global", moe=dataclasses.replace(base.moe, router=router))
+    cfg = base.evolve(balance="global", moe=dataclasses.replace(base.moe, router=router))
     model = MixtureLM(cfg)
     train(model, data, dataclasses.replace(CFG, steps=4, grad_accum=2, eval_every=4), tmp_path, progress=False)
     assert model.router("layers.0.ffn").selection_bias.abs().sum() > 0
@@ -99,7 +99,7 @@ def test_save_load_round_trip_and_mismatch(tmp_path):
     assert torch.equal(model(ids).logits, again(ids).logits)
     # a config that doesn't match the tensors
     meta = json.loads((tmp_path / "ck" / "config.json").read_text())
-    meta["model"]["moe"]["expert_ffn_dim"] = 96
+    meta["model"]["layers"]["moe"]["expert_ffn_dim"] = 96
     (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"layers.0.ffn.input_linear.weight.*\(4, 128, 64\).*\(4, 192, 64\)"):
         mixattn.load(tmp_path / "ck")

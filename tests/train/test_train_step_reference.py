@@ -23,7 +23,7 @@ CFG = TrainConfig(steps=3, batch_size=2, seq_len=16, grad_accum=2, eval_every=3,
 def _config():
     base = PRESETS["tiny-moe"]
     router = dataclasses.replace(base.moe.router, bias_rate=0.05)
-    return dataclasses.replace(base, moe=dataclasses.replace(base.moe, router=router))
+    return base.evolve(moe=dataclasses.replace(base.moe, router=router))
 
 
 @pytest.fixture(scope="module")

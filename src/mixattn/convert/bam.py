@@ -14,7 +14,6 @@ instead of scaling every FFN output by about 1/N, while the router still learns.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -62,7 +61,7 @@ def upcycle_bam(
     require_dense(cfg, "BAM upcycling", ffn=True)
     N = len(models)
     router = RouterConfig(num_experts=N, top_k=1, gate="binary_ste" if ffn_gate == "ste" else "soft")
-    new_cfg = dataclasses.replace(cfg, attention=ATTENTION[attention], bam_experts=N, ffn="moe", block=block,
+    new_cfg = cfg.evolve(attention=ATTENTION[attention], bam_experts=N, ffn="moe", block=block,
                                   moe=MoEConfig(router=router))  # fmt: skip
     new = MixtureLM(new_cfg)
     states = [m.state_dict() for m in models]

@@ -9,8 +9,6 @@ continue-training teaches the router.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..layers.moa import MoAConfig
@@ -30,7 +28,7 @@ def gqa_to_moa(model: MixtureLM, top_k: int | None = None) -> MixtureLM:
     if not 1 <= k <= G:
         raise ValueError(f"top_k={k} must be in [1, G={G}] (G = query heads per KV head)")
     router = RouterConfig(num_experts=G, top_k=k, gate_norm="scale_k")
-    new = MixtureLM(dataclasses.replace(cfg, attention="moa", moa=MoAConfig(router=router, bias=False)))
+    new = MixtureLM(cfg.evolve(attention="moa", moa=MoAConfig(router=router, bias=False)))
     copy_shared(model, new, skip=(".attn.",))
     with torch.no_grad():
         for dense, moa in zip(model.layers, new.layers):

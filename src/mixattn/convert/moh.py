@@ -8,8 +8,6 @@ with every routed head active the converted model computes exactly the dense fun
 
 from __future__ import annotations
 
-import dataclasses
-
 from ..layers.moh import MoHConfig
 from ..models.decoder import MixtureLM
 from .common import require_dense
@@ -28,6 +26,6 @@ def dense_to_moh(model: MixtureLM, active_fraction: float = 0.75, shared_fractio
             f"it must give between {shared + 1} and {H} active heads"
         )
     moh = MoHConfig(shared_heads=shared, top_k=top_k, scoring="query_norm")
-    new = MixtureLM(dataclasses.replace(cfg, attention="moh", moh=moh, balance_coef=0.01))
+    new = MixtureLM(cfg.evolve(attention="moh", moh=moh, balance_coef=0.01))
     new.load_state_dict(model.state_dict())  # same parameter names; the router has none
     return new

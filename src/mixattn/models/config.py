@@ -12,6 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field, replace
 
+from .. import kernels
 from ..layers.attention import AttentionConfig
 from ..layers.moa import MoAConfig
 from ..layers.moe import MoEConfig
@@ -26,23 +27,27 @@ BALANCES = ("switch", "sequence", "global", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
-class MixtureConfig:
-    vocab_size: int = 256  # byte-level tokenizer by default
-    hidden_dim: int = 256
-    num_layers: int = 4
+class HeadsConfig:
+    """Attention geometry shared by every attention kind."""
+
     num_heads: int = 4
     num_kv_heads: int = 4
     head_dim: int = 64
-    ffn_dim: int = 683  # dense SwiGLU width (Llama's 8/3 x hidden)
-    max_seq_len: int = 2048  # longest position the model is meant for (RoPE has no hard limit)
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # HF layout, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
-    norm_eps: float = 1e-5
-    final_norm_eps: float | None = None  # eps of the last norm if it differs (HF JetMoe: blocks fixed at 1e-6)
-    tie_embeddings: bool = True
-    qk_norm: str = "none"  # "none" | "rms"
-    attention_bias: bool = False  # q/k/v biases (Qwen2, Llama attention_bias)
-    attention_out_bias: bool = False  # output-projection bias (Llama attention_bias)
+    qk_norm: str = "none"  # "none" | "rms": per-head RMSNorm on q and k (OLMo-2, Qwen3)
+    bias: bool = False  # q/k/v biases (Qwen2, Llama attention_bias)
+    out_bias: bool = False  # output-projection bias (Llama attention_bias)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    theta: float = 10000.0
+    scaling: dict | None = None  # HF layout, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayersConfig:
+    """Which attention and FFN each layer has, and the settings of each mixture kind."""
+
     attention: str | tuple[str, ...] = "dense"  # one kind for all layers, or one per layer
     ffn: str | tuple[str, ...] = "dense"  # "dense" | "moe", or one per layer
     block: str = "sequential"  # "parallel": x + attn(n(x)) + ffn(n(x)) (GPT-J / PaLM / BAM)
@@ -51,10 +56,62 @@ class MixtureConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     rcmha: RCMHAConfig = field(default_factory=RCMHAConfig)  # conv + relative positions (ablations: MDHA, RMHA)
     bam_experts: int = 2  # soft attention experts per BAM layer
-    balance: str = "switch"  # switch | sequence | global (buffered over accumulation) | none
-    balance_coef: float = 0.01  # JetMoE / MoH beta
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalanceConfig:
+    loss: str = "switch"  # switch | sequence | global (buffered over accumulation) | none
+    coef: float = 0.01  # JetMoE / MoH beta
     z_coef: float = 0.001  # ST-MoE z-loss
+
+
+# The flat field names of the first config layout, and where each lives now. Old config.json files,
+# ``--set`` overrides and ``evolve`` take them; reading ``cfg.num_heads`` etc. works through aliases.
+FLAT = {
+    "num_heads": "heads.num_heads", "num_kv_heads": "heads.num_kv_heads", "head_dim": "heads.head_dim",
+    "qk_norm": "heads.qk_norm", "attention_bias": "heads.bias", "attention_out_bias": "heads.out_bias",
+    "rope_theta": "rope.theta", "rope_scaling": "rope.scaling",
+    "attention": "layers.attention", "ffn": "layers.ffn", "block": "layers.block", "moh": "layers.moh",
+    "moa": "layers.moa", "moe": "layers.moe", "rcmha": "layers.rcmha", "bam_experts": "layers.bam_experts",
+    "balance": "balancing.loss", "balance_coef": "balancing.coef", "z_coef": "balancing.z_coef",
+}  # fmt: skip
+# per-kind kernel choices of the first layout, now in MixtureConfig.kernels
+_OLD_IMPL = {"moh": "head_sparse_attention", "rcmha": "relative_attention"}
+
+
+class _Alias:
+    """Read-only attribute for a flat name: ``cfg.num_heads`` is ``cfg.heads.num_heads``."""
+
+    def __set_name__(self, owner, name):
+        self.path = FLAT[name].split(".")
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(getattr(obj, self.path[0]), self.path[1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixtureConfig:
+    vocab_size: int = 256  # byte-level tokenizer by default
+    hidden_dim: int = 256
+    num_layers: int = 4
+    ffn_dim: int = 683  # dense SwiGLU width (Llama's 8/3 x hidden)
+    max_seq_len: int = 2048  # longest position the model is meant for (RoPE has no hard limit)
+    norm_eps: float = 1e-5
+    final_norm_eps: float | None = None  # eps of the last norm if it differs (HF JetMoe: blocks fixed at 1e-6)
+    tie_embeddings: bool = True
     init_std: float = 0.02  # embedding init
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    layers: LayersConfig = field(default_factory=LayersConfig)
+    balancing: BalanceConfig = field(default_factory=BalanceConfig)
+    kernels: dict[str, str] = field(default_factory=dict)  # {kernel op: implementation}; others "auto"
+
+    # flat read aliases (see FLAT): cfg.num_heads is cfg.heads.num_heads, cfg.moe is cfg.layers.moe, ...
+    num_heads, num_kv_heads, head_dim, qk_norm = _Alias(), _Alias(), _Alias(), _Alias()
+    attention_bias, attention_out_bias, rope_theta, rope_scaling = _Alias(), _Alias(), _Alias(), _Alias()
+    attention, ffn, block, bam_experts = _Alias(), _Alias(), _Alias(), _Alias()
+    moh, moa, moe, rcmha = _Alias(), _Alias(), _Alias(), _Alias()
+    balance, balance_coef, z_coef = _Alias(), _Alias(), _Alias()
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim"):
@@ -72,6 +129,10 @@ class MixtureConfig:
             raise ValueError(f"config block={self.block!r} is not one of {BLOCKS}")
         if self.balance not in BALANCES:
             raise ValueError(f"config balance={self.balance!r} is not one of {BALANCES}")
+        if not isinstance(self.kernels, dict):
+            raise ValueError(f"config kernels must map kernel op to implementation, got {self.kernels!r}")
+        for op, impl in self.kernels.items():
+            kernels.get(op, impl)  # names the valid ops or implementations
         self.attention_config()  # validates the head geometry
 
     def attention_at(self, layer: int) -> str:
@@ -81,23 +142,52 @@ class MixtureConfig:
         return self.ffn if isinstance(self.ffn, str) else self.ffn[layer]
 
     def attention_config(self) -> AttentionConfig:
-        return AttentionConfig(
-            hidden_dim=self.hidden_dim,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            qk_norm=self.qk_norm,
-            bias=self.attention_bias,
-            out_bias=self.attention_out_bias,
-            norm_eps=self.norm_eps,
-        )
+        h = self.heads
+        return AttentionConfig(hidden_dim=self.hidden_dim, num_heads=h.num_heads, num_kv_heads=h.num_kv_heads,
+                               head_dim=h.head_dim, qk_norm=h.qk_norm, bias=h.bias, out_bias=h.out_bias,
+                               norm_eps=self.norm_eps)  # fmt: skip
+
+    def evolve(self, **changes) -> MixtureConfig:
+        """``dataclasses.replace`` that also takes the flat names: ``cfg.evolve(num_kv_heads=2, moe=...)``."""
+        top, groups = {}, {}
+        for key, value in changes.items():
+            if key in FLAT:
+                group, name = FLAT[key].split(".")
+                groups.setdefault(group, {})[name] = value
+            else:
+                top[key] = value
+        for group, kw in groups.items():
+            top[group] = replace(top.get(group, getattr(self, group)), **kw)
+        return replace(self, **top)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> MixtureConfig:
-        return _build(cls, data, "config")
+        """From JSON, in the current layout or the first, flat one (old checkpoints)."""
+        return _build(cls, migrate(data), "config")
+
+
+def migrate(data: dict) -> dict:
+    """A config dict in the current layout: flat keys move into their groups, and the per-kind
+    kernel fields of the first layout (``moh.impl``, ``rcmha.impl``) into ``kernels``."""
+    if not isinstance(data, dict) or not set(data) & set(FLAT):
+        return data
+    out = {k: v for k, v in data.items() if k not in FLAT}
+    chosen = dict(out.get("kernels") or {})
+    for key, value in data.items():
+        if key not in FLAT:
+            continue
+        if key in _OLD_IMPL and isinstance(value, dict) and "impl" in value:
+            value = {k: v for k, v in value.items() if k != "impl"}
+            if data[key]["impl"] != "auto":
+                chosen[_OLD_IMPL[key]] = data[key]["impl"]
+        group, name = FLAT[key].split(".")
+        out.setdefault(group, {})[name] = value
+    if chosen:
+        out["kernels"] = chosen
+    return out
 
 
 def _build(cls, data: dict, where: str):
@@ -129,14 +219,14 @@ def _router(E: int, k: int, **kw) -> RouterConfig:
     return RouterConfig(num_experts=E, top_k=k, **kw)
 
 
-_TINY = MixtureConfig(
+_TINY = MixtureConfig().evolve(
     hidden_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=128, max_seq_len=256,
     moh=MoHConfig(shared_heads=1, top_k=1),
     moa=MoAConfig(router=_router(4, 2, gate_norm="softmax_topk")),
     moe=MoEConfig(router=_router(4, 2, gate_norm="renorm"), expert_ffn_dim=64),
 )  # fmt: skip
 # small: ~11M parameters dense; 8 heads of 48 so MoH can run 50% (2 shared + 2 of 6) and 75% (4 + 2 of 4)
-_SMALL = MixtureConfig(
+_SMALL = MixtureConfig().evolve(
     hidden_dim=384, num_layers=6, num_heads=8, num_kv_heads=8, head_dim=48, ffn_dim=1024, max_seq_len=512,
     moh=MoHConfig(shared_heads=2, top_k=2),
     # 4 KV heads x top-2 experts = 8 active query heads, like the dense model
@@ -150,12 +240,12 @@ def _variants(base: MixtureConfig, prefix: str) -> dict[str, MixtureConfig]:
     H = base.num_heads
     return {
         prefix: base,
-        f"{prefix}-moh": replace(base, attention="moh"),
-        f"{prefix}-moh75": replace(base, attention="moh", moh=MoHConfig(shared_heads=H // 2, top_k=H // 4)),
-        f"{prefix}-moa": replace(base, attention="moa", num_kv_heads=H // 2),
-        f"{prefix}-moe": replace(base, ffn="moe"),
-        f"{prefix}-moa-moe": replace(base, attention="moa", num_kv_heads=H // 2, ffn="moe"),
-        f"{prefix}-bam": replace(base, attention="bam", ffn="moe", block="parallel",
+        f"{prefix}-moh": base.evolve(attention="moh"),
+        f"{prefix}-moh75": base.evolve(attention="moh", moh=MoHConfig(shared_heads=H // 2, top_k=H // 4)),
+        f"{prefix}-moa": base.evolve(attention="moa", num_kv_heads=H // 2),
+        f"{prefix}-moe": base.evolve(ffn="moe"),
+        f"{prefix}-moa-moe": base.evolve(attention="moa", num_kv_heads=H // 2, ffn="moe"),
+        f"{prefix}-bam": base.evolve(attention="bam", ffn="moe", block="parallel",
                                  moe=replace(base.moe, router=_router(base.moe.num_experts, 1))),
     }  # fmt: skip
 
@@ -166,9 +256,9 @@ PRESETS: dict[str, MixtureConfig] = {**_variants(_TINY, "tiny"), **_variants(_SM
 def _rcmha_variants(base: MixtureConfig, prefix: str) -> dict[str, MixtureConfig]:
     """RCMHA and its two ablations: MDHA (convolution, RoPE kept) and RMHA (relative positions only)."""
     return {
-        f"{prefix}-rcmha": replace(base, attention="rcmha", rcmha=RCMHAConfig()),
-        f"{prefix}-mdha": replace(base, attention="rcmha", rcmha=RCMHAConfig(position="rope")),
-        f"{prefix}-rmha": replace(base, attention="rcmha", rcmha=RCMHAConfig(conv_kernel=0)),
+        f"{prefix}-rcmha": base.evolve(attention="rcmha", rcmha=RCMHAConfig()),
+        f"{prefix}-mdha": base.evolve(attention="rcmha", rcmha=RCMHAConfig(position="rope")),
+        f"{prefix}-rmha": base.evolve(attention="rcmha", rcmha=RCMHAConfig(conv_kernel=0)),
     }
 
 
@@ -196,7 +286,9 @@ def apply_overrides(cfg: MixtureConfig, assignments: list[str]) -> MixtureConfig
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        node, parts = data, key.split(".")
+        head, _, rest = key.partition(".")
+        path = FLAT[head] + ("." + rest if rest else "") if head in FLAT else key  # the first layout's names
+        node, parts = data, path.split(".")
         for p in parts[:-1]:
             if not isinstance(node.get(p), dict):
                 raise ValueError(f"override {key!r}: {p!r} is not a config section")

@@ -153,7 +153,7 @@ class MixtureLM(nn.Module):
         routers: list[tuple[str, RouterOutput]] = []
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
-            ctx = AttnContext(cos.to(x.dtype), sin.to(x.dtype), start_pos, layer_cache, ref_len, left_pad)
+            ctx = AttnContext(cos.to(x.dtype), sin.to(x.dtype), start_pos, layer_cache, ref_len, left_pad, self.cfg.kernels)
             x, ar, fr = layer(x, ctx)
             routers += [(f"layers.{i}.{part}", r) for part, r in (("attn", ar), ("ffn", fr)) if r is not None]
         if logits_to_keep:

@@ -35,7 +35,7 @@ def config_from_jetmoe(hf: dict, source: str) -> MixtureConfig:
         Hkv = hf["num_key_value_heads"]
         theta, scaling = rope_settings(hf)
         router = RouterConfig(num_experts=E, top_k=k, gate_norm="softmax_topk")
-        return MixtureConfig(
+        return MixtureConfig().evolve(
             vocab_size=hf["vocab_size"], hidden_dim=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
             num_heads=Hkv * k, num_kv_heads=Hkv, head_dim=hf.get("kv_channels") or hf["head_dim"],
             ffn_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 4096),

@@ -47,7 +47,7 @@ def config_from_hf(hf: dict, source: str) -> MixtureConfig:
     try:
         H, d = hf["num_attention_heads"], hf["hidden_size"]
         theta, scaling = rope_settings(hf)
-        return MixtureConfig(
+        return MixtureConfig().evolve(
             vocab_size=hf["vocab_size"],
             hidden_dim=d,
             num_layers=hf["num_hidden_layers"],
