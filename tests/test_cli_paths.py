@@ -120,3 +120,23 @@ def test_pareto_is_one_optimal_plan_per_density():
     assert all(p.layers[layer][0].density(512) >= max(r.density(512) for r in p.layers[layer]) for p in plans
                for layer in range(2))  # head 0 (most influence) is never sparser than the others  # fmt: skip
     assert np.isfinite(objectives).all()
+
+
+def test_eval_matches_one_baseline_to_each_plan_and_pairs_them(ckpt, tmp_path):
+    """`eval --plan A --plan B --baseline uniform:match`: a uniform baseline per plan, each at its
+    plan's measured density at every eval length, and the paired tests that compare them."""
+    import json
+
+    plans = []
+    for d in (0.5, 0.25):
+        plans.append(tmp_path / f"p{d}.json")
+        assert cli.main(["plan", "baseline", str(ckpt), "--kind", "uniform", "--density", str(d), "--length", "1024",
+                         "--out", str(plans[-1])]) == 0  # fmt: skip
+    out = tmp_path / "e"
+    assert cli.main(["eval", str(ckpt), "--plan", str(plans[0]), "--plan", str(plans[1]), "--baseline", "uniform:match",
+                     "--tasks", "passkey", "--lengths", "512,1024", "--depths", "0.5", "--out", str(out)]) == 0  # fmt: skip
+    res = json.loads((out / "results.json").read_text())
+    for p in ("p0.5", "p0.25"):
+        for N in ("512", "1024"):
+            assert abs(res["density"][f"uniform @{p}"][N] - res["density"][p][N]) <= 0.01
+        assert [p, f"uniform @{p}"] in res["pairs"] and [p, "dense"] in res["pairs"]

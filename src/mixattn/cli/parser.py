@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype(p, "evaluation dtype (the search itself stays fp32)")
     p.add_argument("model")
     p.add_argument("--plan", action="append", default=[], help="plan JSON (repeatable)")
-    p.add_argument("--baseline", action="append", default=[], metavar="KIND:DENSITY", help="uniform:0.5, duo:0.25")
+    p.add_argument("--baseline", action="append", default=[], metavar="KIND:DENSITY",
+                   help="uniform:0.5, duo:0.25, or uniform:match (one per --plan, at its measured density per length)")
     p.add_argument("--tasks", help="passkey,multikey,multivalue,vartrack,lines,passage,ppl,speed "
                    "(default passkey,ppl,speed; --full: all retrieval tasks)")
     p.add_argument("--lengths", type=checked_text(positive_ints), help="default 1024,2048,4096 (--full: 1024,2048,4096,8192)")

@@ -78,17 +78,21 @@ def cmd_eval(a) -> int:
             except ValueError as e:
                 raise ValueError(f"--plan {name}: {e}") from None
     scores = mass_scores(model, tok) if any(kind == "duo" for kind, _ in specs) else None  # once, not per length
+    given = [Path(p).stem for p in a.plan]
+    pairs = [(name, "dense") for name in given]  # every plan against dense, and against its own baselines
     for kind, d in specs:
-        if d == "match":  # the first plan's density at every eval length
-            plans[f"{kind} @{Path(a.plan[0]).stem}"] = matched(a.model, kind, plans[Path(a.plan[0]).stem], lengths,
-                                                               model=model, tok=tok, scores=scores)  # fmt: skip
+        if d == "match":  # one baseline per plan, at that plan's measured density at every eval length
+            for name in given:
+                plans[f"{kind} @{name}"] = matched(a.model, kind, plans[name], lengths, model=model, tok=tok, scores=scores)
+                pairs += [(name, f"{kind} @{name}"), (f"{kind} @{name}", "dense")]
         else:  # elastic (uniform) or fitted at each length (duo): this density at every eval length
             plans[f"{kind} {d}"] = {N: baseline(a.model, kind, float(d), N + 16, model=model, tok=tok, scores=scores)
                                     for N in lengths}  # fmt: skip
+            pairs += [(name, f"{kind} {d}") for name in given] + [(f"{kind} {d}", "dense")]
     with locked(a.out):  # one writer per results folder
         res = evaluate(model, tok, plans, task_names, lengths, depths, samples, ppl_windows=ppl_windows,
                        speed_context=max(lengths))  # fmt: skip
-        table = write(res, Path(a.out))
+        table = write(res, Path(a.out), pairs=pairs or None)
     print(table)
     print(f"\nresults: {a.out}/results.md, results.json, *.png")
     return 0
