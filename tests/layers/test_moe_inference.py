@@ -120,6 +120,8 @@ def test_inference_path_runs_whenever_nothing_is_differentiated(monkeypatch):
     moe.experts(x, topi, topw)  # the weights require grad: the grad path
     moe.experts(x, topi, topw.requires_grad_())
     assert len(calls) == 2
+    c = moe.experts_inference(x.requires_grad_(), topi, topw)  # called directly: never differentiable
+    assert len(calls) == 3 and not c.requires_grad and torch.equal(c, a)
 
 
 def test_inference_path_is_deterministic_and_leaves_the_inputs_alone():

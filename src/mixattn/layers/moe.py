@@ -76,8 +76,7 @@ class MoE(nn.Module):
         tensors = (x_Nd, weights_NK, self.input_linear.weight, self.output_linear.weight)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return self.experts_train(x_Nd, indices_NK, weights_NK)
-        with torch.no_grad():
-            return self.experts_inference(x_Nd, indices_NK, weights_NK)
+        return self.experts_inference(x_Nd, indices_NK, weights_NK)
 
     def experts_train(self, x_Nd: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         """The differentiable path: sorted gather, grouped GEMMs, SwiGLU, un-sort and sum over K."""
@@ -87,8 +86,9 @@ class MoE(nn.Module):
         h_Md = self.output_linear(F.silu(gate_Mf) * up_Mf, disp.counts)
         return combine(h_Md, weights_NK, disp)
 
+    @torch.no_grad()
     def experts_inference(self, x_Nd: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-        """The no-grad path (call it under ``torch.no_grad``): in-place SwiGLU, no un-sort on CPU."""
+        """The no-grad path (never differentiable): in-place SwiGLU, no un-sort on CPU."""
         if x_Nd.device.type != "cpu":  # index_add_ on GPUs sums with atomics: keep the deterministic combine
             return self.experts_train(x_Nd, indices_NK, weights_NK)
         order_M, token_M, counts_E = sort_by_expert(indices_NK, self.cfg.num_experts)
