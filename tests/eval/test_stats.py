@@ -52,3 +52,24 @@ def test_proportion_and_cell_text():
     assert (c["n"], c["k"], c["acc"]) == (4, 3, 0.75)
     assert fmt_cell(c).startswith("0.75 [") and fmt_cell(c).endswith("n=4")
     assert fmt_cell(proportion([])) == "–"
+
+
+def test_paired_scores_known_values_and_symmetry():
+    from mixattn.eval.stats import paired_scores
+
+    a, b = [1.0, 2.0, 3.5, -1.0, 0.5], [0.0, 1.5, 1.0, -4.0, -0.25]  # a higher on all 5 pairs
+    t = paired_scores(a, b)
+    # every difference positive: both exact tests give 2 / 2^5 (the two all-one-sign outcomes)
+    assert (t["a_higher"], t["b_higher"]) == (5, 0)
+    assert t["sign_p"] == pytest.approx(2 / 32) and t["wilcoxon_p"] == pytest.approx(2 / 32)
+    assert t["median_diff"] == pytest.approx(1.0)  # differences 1, 0.5, 2.5, 3, 0.75
+    s = paired_scores(b, a)  # swapping the methods mirrors everything
+    assert (s["a_higher"], s["b_higher"]) == (0, 5) and s["median_diff"] == -t["median_diff"]
+    assert s["sign_p"] == t["sign_p"] and s["wilcoxon_p"] == t["wilcoxon_p"]
+    tied = paired_scores(a, a)
+    assert tied["sign_p"] == tied["wilcoxon_p"] == 1.0 and tied["median_diff"] == 0.0
+    # the signed-rank test weighs sizes: one large loss among small wins is not the same as no loss
+    mixed = paired_scores([0.1, 0.2, 0.3, 0.4, -10.0], [0.0] * 5)
+    assert mixed["a_higher"] == 4 and mixed["wilcoxon_p"] > 0.5  # ranks 1-4 for the wins, 5 for the loss
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_scores([1.0], [1.0, 2.0])

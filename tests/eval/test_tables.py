@@ -42,6 +42,10 @@ def test_a_stale_block_is_rerendered_and_check_fails(tmp_path):
     doc.write_text("<!-- table: r.json verdicts -->\n<!-- /table -->\n")
     tables.main([str(doc)])
     assert "- density 0.5: NOT MET" in doc.read_text()
+    doc.write_text("<!-- table: r.json logprob -->\n<!-- /table -->\n")
+    tables.main([str(doc)])
+    row = doc.read_text().splitlines()[3]  # every log p is -1.0 in both methods: all 6 pairs tie
+    assert row.startswith("| mixattn 0.5 | dense | 6 | 0 | 0 | +0.00 | 1 | 1 |")
 
 
 def test_bad_sources_name_the_file(tmp_path):

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..paths import save_figure, write_json, write_text
-from .stats import fmt_cell, mcnemar, proportion
+from .stats import fmt_cell, mcnemar, paired_scores, proportion
 
 
 def _fmt(v) -> str:
@@ -69,6 +69,27 @@ def paired(results, a: str, b: str, length=None, task=None) -> dict:
     rb = {key(r): r["hit"] for r in sel if r["method"] == b}
     common = sorted(set(ra) & set(rb))
     return mcnemar([ra[k] for k in common], [rb[k] for k in common])
+
+
+def logprob_table(results, pairs) -> str:
+    """The secondary score, paired: per pair of methods, on how many prompts the answer's content
+    tokens are more likely under a than under b, the median difference of their log-probability
+    (nats), and exact sign and Wilcoxon signed-rank p. No threshold: greedy hits say whether the
+    model emits the key; this says whether the plan kept what it needs to, where the model is weak."""
+    key = lambda r: (r["task"], r["length"], r["depth"], r["index"])  # noqa: E731
+    rows = []
+    for a, b in pairs:
+        la = {key(r): r["logprob"] for r in results["retrieval"] if r["method"] == a}
+        lb = {key(r): r["logprob"] for r in results["retrieval"] if r["method"] == b}
+        common = sorted(set(la) & set(lb))
+        if not common:
+            continue
+        t = paired_scores([la[k] for k in common], [lb[k] for k in common])
+        rows.append({"a": a, "b": b, "n": t["n"], "higher in a": t["a_higher"], "higher in b": t["b_higher"],
+                     "median log p(a) - log p(b)": f"{t['median_diff']:+.2f}", "sign p": f"{t['sign_p']:.3g}",
+                     "Wilcoxon p": f"{t['wilcoxon_p']:.3g}"})  # fmt: skip
+    cols = ("a", "b", "n", "higher in a", "higher in b", "median log p(a) - log p(b)", "sign p", "Wilcoxon p")
+    return markdown_table(rows, [(k, k) for k in cols])
 
 
 def retrieval_table(results) -> str:
@@ -138,7 +159,9 @@ def write(results: dict, out: Path, pairs=None, verdicts=None, header: str = "")
                   retrieval_table(results), "## Measured KV density", density_table(results)]  # fmt: skip
         if pairs:
             parts += ["## Paired exact McNemar tests (same prompts; 'a only' = prompts only a got right)",
-                      paired_table(results, pairs)]  # fmt: skip
+                      paired_table(results, pairs),
+                      "## The answer's log-probability, paired (content tokens, nats; sign and Wilcoxon tests)",
+                      logprob_table(results, pairs)]  # fmt: skip
     other = other_table(results)
     if other:
         parts += ["## Perplexity (95% interval over windows) and speed", other]

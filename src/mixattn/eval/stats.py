@@ -55,6 +55,26 @@ def mcnemar(a, b) -> dict:
     return {"n": len(a), "a_only": a_only, "b_only": b_only, "diff": diff, "p": p}
 
 
+def paired_scores(a, b) -> dict:
+    """Paired continuous scores ``a``, ``b`` (same prompts, same order), e.g. the answer's log-probability.
+
+    Returns {"n", "a_higher", "b_higher", "median_diff" (of a - b), "sign_p" (exact sign test),
+    "wilcoxon_p" (Wilcoxon signed-rank, exact for small n: the sizes of the differences count too)};
+    both p are 1 when every pair is tied.
+    """
+    from scipy.stats import wilcoxon
+
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    if len(a) != len(b):
+        raise ValueError(f"paired test needs equal lengths, got {len(a)} and {len(b)}")
+    d = sorted(x - y for x, y in zip(a, b))
+    sign = mcnemar([x > 0 for x in d], [x < 0 for x in d])
+    nonzero = any(d)
+    return {"n": len(d), "a_higher": sign["a_only"], "b_higher": sign["b_only"],
+            "median_diff": (d[(len(d) - 1) // 2] + d[len(d) // 2]) / 2 if d else 0.0,
+            "sign_p": sign["p"], "wilcoxon_p": float(wilcoxon(a, b).pvalue) if nonzero else 1.0}  # fmt: skip
+
+
 def fmt_cell(cell: dict) -> str:
     """``0.65 [0.43, 0.82] n=20``; an en dash for an empty cell."""
     if not cell or not cell.get("n"):

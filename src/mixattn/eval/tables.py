@@ -8,7 +8,7 @@ A markdown file marks each generated table with an opening and a closing comment
 
 The path is relative to the repository root (the folder holding ``pyproject.toml``); the kind is one
 of ``retrieval``, ``pooled`` (the retrieval rows pooled over tasks only), ``density``, ``paired``,
-``other`` (perplexity and speed) or ``verdicts``.
+``logprob`` (the answer's log-probability, paired), ``other`` (perplexity and speed) or ``verdicts``.
 
     python -m mixattn.eval.tables README.md docs/experiments.md          # rewrite the blocks
     python -m mixattn.eval.tables --check README.md docs/experiments.md  # exit 1 where one differs
@@ -26,7 +26,7 @@ from ..paths import write_text
 from . import report
 
 BLOCK = re.compile(r"(<!-- table: (\S+) (\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
-KINDS = ("retrieval", "pooled", "density", "paired", "other", "verdicts")
+KINDS = ("retrieval", "pooled", "density", "paired", "logprob", "other", "verdicts")
 
 
 def render(results: dict, kind: str) -> str:
@@ -40,6 +40,8 @@ def render(results: dict, kind: str) -> str:
         return report.density_table(results)
     if kind == "paired":
         return report.paired_table(results, [tuple(p) for p in results.get("pairs", [])])
+    if kind == "logprob":
+        return report.logprob_table(results, [tuple(p) for p in results.get("pairs", [])])
     if kind == "other":
         return report.other_table(results)
     if kind == "verdicts":
