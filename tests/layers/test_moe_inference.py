@@ -1,7 +1,9 @@
 """MoE's two routed-expert paths against a float64 per-token reference.
 
-The no-grad path (``MoE.experts_inference``: in-place SwiGLU, ``combine_add`` with no un-sort) runs
-whenever nothing is differentiated; the grad path (``MoE.experts_train``) is the one training uses.
+The no-grad path (``MoE.experts_inference``: in-place SwiGLU, no un-sort) runs whenever nothing is
+differentiated, one expert at a time (``swiglu_experts_by_expert``) with impl "auto", through the
+grouped kernel and ``combine_add`` with a named impl; the grad path (``MoE.experts_train``) is the
+one training uses.
 Both are checked against the same float64 evaluation, with an elementwise error bound derived from
 the dtype's eps and the magnitudes of the operands (``_reference_and_bound``), at the benchmark's
 (E, k) = (8, 2) and (64, 8), with experts that receive no token, in fp32 and bf16.
@@ -68,6 +70,18 @@ def _assert_within(actual, want, bound):
     assert excess.max() <= 0, f"error exceeds the derived bound by {float(excess.max()):.3g}"
 
 
+def _spy_paths(monkeypatch):
+    """Names of the no-grad combine routines MoE calls, in call order."""
+    calls = []
+    for name in ("combine_add", "swiglu_experts_by_expert"):
+        real = getattr(moe_module, name)
+        monkeypatch.setattr(moe_module, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    return calls
+
+
+NO_GRAD_PATH = {"auto": "swiglu_experts_by_expert", "grouped": "combine_add", "reference": "combine_add"}
+
+
 def _moe(E, K, impl, dtype):
     cfg = MoEConfig(router=RouterConfig(num_experts=E, top_k=K, gate_norm="renorm"), impl=impl)
     return MoE(d, f, cfg).to(dtype)
@@ -81,7 +95,7 @@ CASES = [  # (E, K, T, experts with no token)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("impl", ["auto", "grouped", "reference"])
 @pytest.mark.parametrize("E,K,T,empty", CASES)
 def test_both_paths_match_the_float64_reference_within_the_derived_bound(E, K, T, empty, impl, dtype, monkeypatch):
     moe = _moe(E, K, impl, dtype)
@@ -89,17 +103,15 @@ def test_both_paths_match_the_float64_reference_within_the_derived_bound(E, K, T
     topi, topw = _routing(T, E, K, empty)
     topw = topw.to(dtype)
     want, bound = _reference_and_bound(x, moe.input_linear.weight, moe.output_linear.weight, topi, topw)
-    calls = []
-    real = moe_module.combine_add
-    monkeypatch.setattr(moe_module, "combine_add", lambda *a: calls.append(1) or real(*a))
+    calls = _spy_paths(monkeypatch)
 
     with torch.no_grad():
         y_inf = moe.experts(x, topi, topw)
-    assert calls == [1] and y_inf.dtype == dtype and y_inf.shape == (T, d)
+    assert calls == [NO_GRAD_PATH[impl]] and y_inf.dtype == dtype and y_inf.shape == (T, d)
     _assert_within(y_inf, want, bound)
 
     y_train = moe.experts(x.requires_grad_(), topi, topw)
-    assert calls == [1] and y_train.requires_grad  # the grad path never calls combine_add
+    assert len(calls) == 1 and y_train.requires_grad  # the grad path calls neither
     _assert_within(y_train.detach(), want, bound)
 
 
@@ -107,9 +119,7 @@ def test_inference_path_runs_whenever_nothing_is_differentiated(monkeypatch):
     moe = _moe(8, 2, "auto", torch.float32)
     x = torch.randn(11, d)
     topi, topw = _routing(11, 8, 2, ())
-    calls = []
-    real = moe_module.combine_add
-    monkeypatch.setattr(moe_module, "combine_add", lambda *a: calls.append(1) or real(*a))
+    calls = _spy_paths(monkeypatch)
     with torch.inference_mode():
         a = moe.experts(x, topi, topw)
     moe.requires_grad_(False)
@@ -178,7 +188,7 @@ def test_layer_forward_under_no_grad_matches_the_grad_forward(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("impl", ["auto", "grouped", "reference"])
 @pytest.mark.parametrize("E,K,T,empty", CASES)
 def test_inference_path_differs_from_the_grad_path_only_in_the_slot_sum(E, K, T, empty, impl, dtype):
     """A tighter check than the float64 one (whose bf16 bound is loose): both paths run the same
@@ -202,3 +212,17 @@ def test_inference_path_differs_from_the_grad_path_only_in_the_slot_sum(E, K, T,
     u, u32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
     bound = 2 * K * u32 * gated_abs + u * y_train.double().abs()
     _assert_within(y_inf, y_train.double(), bound)
+
+
+def test_hooked_or_named_impl_linears_go_through_the_modules(monkeypatch):
+    """Expert parallelism wraps the ExpertLinear modules in hooks (and shards their weights): then
+    the no-grad path must call the modules, not read their weights."""
+    moe = _moe(8, 2, "auto", torch.float32)
+    x = torch.randn(11, d)
+    topi, topw = _routing(11, 8, 2, ())
+    calls = _spy_paths(monkeypatch)
+    seen = []
+    moe.output_linear.register_forward_pre_hook(lambda _m, args: seen.append(1))
+    with torch.no_grad():
+        moe.experts(x, topi, topw)
+    assert calls == ["combine_add"] and seen == [1]

@@ -8,9 +8,11 @@ The expert input projection is one (E, 2f, d) tensor, gate half first (HF JetMoe
 
 The routed experts run one of two paths with the same result up to rounding. With gradients, the
 autograd-friendly one: gather, grouped GEMMs, SwiGLU, un-sort and sum (``combine``). When nothing
-is differentiated (inference), a cheaper one: the SwiGLU is computed in place in the gate half of
-the first projection's output, and the gated rows are added straight into their tokens' output
-rows (``combine_add``), with no un-sort and no (N, K, d) temporary.
+is differentiated (inference, CPU), a cheaper one: the SwiGLU is computed in place in the gate half
+of the first projection's output, and the gated rows are added straight into their tokens' output
+rows, with no un-sort and no (N, K, d) temporary. With ``impl="auto"`` this runs one expert at a
+time through cache-resident buffers (``swiglu_experts_by_expert``); with a named ``impl`` (or under
+expert parallelism) through the ``ExpertLinear`` modules' grouped kernel and ``combine_add``.
 
 Legend: B batch, T tokens, N = B*T, K top-k, M = N*K, E experts, d hidden dim, f expert ffn dim.
 """
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttnContext, LayerOutput, check_input
-from .experts import ExpertLinear, combine, combine_add, make_dispatch, sort_by_expert
+from .experts import ExpertLinear, combine, combine_add, make_dispatch, sort_by_expert, swiglu_experts_by_expert
 from .norm import SwiGLU
 from .routers import Router, RouterConfig
 
@@ -56,6 +58,13 @@ class MoEConfig:
         r = self.router
         router = replace(r, num_experts=r.num_experts * m, top_k=r.top_k * m)
         return replace(self, router=router, expert_ffn_dim=(self.expert_ffn_dim or ffn_dim) // m)
+
+
+def _plain_auto(lin: ExpertLinear) -> bool:
+    """impl "auto", a plain local weight and no hooks (expert parallelism wraps the module in hooks
+    and shards its weight): its weight may be used directly."""
+    plain = not hasattr(lin.weight, "to_local") and not lin._forward_hooks and not lin._forward_pre_hooks
+    return lin.impl == "auto" and plain
 
 
 class MoE(nn.Module):
@@ -92,6 +101,10 @@ class MoE(nn.Module):
         if x_Nd.device.type != "cpu":  # index_add_ on GPUs sums with atomics: keep the deterministic combine
             return self.experts_train(x_Nd, indices_NK, weights_NK)
         order_M, token_M, counts_E = sort_by_expert(indices_NK, self.cfg.num_experts)
+        linears = (self.input_linear, self.output_linear)
+        if all(_plain_auto(lin) for lin in linears):
+            w_in, w_out = (lin.weight for lin in linears)
+            return swiglu_experts_by_expert(x_Nd, w_in, w_out, weights_NK, order_M, token_M, counts_E)
         h_M2f = self.input_linear(x_Nd.index_select(0, token_M), counts_E)
         f = h_M2f.shape[1] // 2
         act_Mf = F.silu(h_M2f[:, :f], inplace=True).mul_(h_M2f[:, f:])  # SwiGLU in the gate half
