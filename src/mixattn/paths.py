@@ -73,8 +73,9 @@ def save_figure(fig, path: str | os.PathLike, **kwargs) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
 
 
-def load_torch(path: str | os.PathLike, what: str = "file"):
-    """``torch.load`` with a clear error naming ``path`` when the file is missing, truncated or not torch's."""
+def load_torch(path: str | os.PathLike, what: str = "file", weights_only: bool = False):
+    """``torch.load`` with a clear error naming ``path`` when the file is missing, truncated or not torch's
+    (or, with ``weights_only``, when it holds anything but tensors and plain Python data)."""
     import pickle
     import zipfile
 
@@ -84,7 +85,7 @@ def load_torch(path: str | os.PathLike, what: str = "file"):
     if not path.is_file():
         raise FileNotFoundError(f"no {what}: {path}")
     try:
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=weights_only)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
         raise ValueError(f"{path}: unreadable {what} ({type(e).__name__}: {str(e)[:120]}); truncated?") from None
 

@@ -31,6 +31,32 @@ class CalibSample:
     source: tasks.Sample | None = None  # the task prompt and answers: validation scores it by generation
 
 
+def to_plain(samples: list[CalibSample]) -> list[dict]:
+    """Calibration samples as plain tensors, lists and strings, for the on-disk cache: no pickled
+    classes, so a cache survives a refactor (a moved class) and loads with ``weights_only=True``."""
+    out = []
+    for s in samples:
+        d = {"ids": s.ids, "answer_mask": s.answer_mask, "length": s.length, "task": s.task, "own": s.own}
+        if s.source is not None:
+            src = s.source
+            d["source"] = {"prompt_ids": list(src.prompt_ids), "answers": list(src.answers),
+                           "context_ids": list(src.context_ids), "answer_ids": list(src.answer_ids),
+                           "meta": dict(src.meta)}  # fmt: skip
+        out.append(d)
+    return out
+
+
+def from_plain(data: list[dict]) -> list[CalibSample]:
+    """The inverse of ``to_plain``."""
+    out = []
+    for d in data:
+        src = d.get("source")
+        source = None if src is None else tasks.Sample(src["prompt_ids"], tuple(src["answers"]), src["context_ids"],
+                                                       src["answer_ids"], src["meta"])  # fmt: skip
+        out.append(CalibSample(d["ids"], d["answer_mask"], d["length"], d["task"], d["own"], source))
+    return out
+
+
 def gold(sample: tasks.Sample) -> tuple[torch.Tensor, int]:
     """Prompt + gold answer tokenized as one string, and the first answer position (ids (T,), start)."""
     joint = sample.context_ids + sample.answer_ids

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from ..paths import cache_dir, content_digest, load_torch, locked, save_torch
@@ -21,6 +22,7 @@ from . import profile as profiling
 from .plan import DENSE, HeadRule, Plan
 
 CORPORA = ("shakespeare", "stdlib")
+log = logging.getLogger(__name__)
 CACHE_VERSION = "calib-v4"  # bump when calibration or profiling changes meaning
 
 
@@ -168,11 +170,15 @@ def compress(source, density: float, lengths=(1024, 2048), out=None, samples: in
     return plan
 
 
-def _cached(path: Path, resume: bool, build):
+def _cached(path: Path, resume: bool, build) -> list:
+    """Calibration samples from ``path`` (with ``resume``) or built and saved there as plain data."""
     if resume and path.is_file():
-        return load_torch(path, "calibration cache")
+        try:
+            return calibration.from_plain(load_torch(path, "calibration cache", weights_only=True))
+        except (ValueError, KeyError, TypeError) as e:  # an older cache (pickled classes): build anew
+            log.warning("%s: %s; rebuilding it", path, str(e)[:160])
     value = build()
-    save_torch(path, value)
+    save_torch(path, calibration.to_plain(value))
     return value
 
 
