@@ -1,16 +1,13 @@
 """The secondary score of a results.json: per method, how many prompts keep the key's log-probability
 above THRESHOLD nats (chance for a 7-digit key is 7 ln 10 = -16.1), with its Wilson interval, the
-needle depths where it is lost, and paired exact McNemar tests on that binary outcome; then, without
-any threshold, an exact sign test and a Wilcoxon signed-rank test on the paired log-probabilities,
-and their median difference.
+needle depths where it is lost, and paired exact McNemar tests on that binary outcome. The paired
+tests without a threshold (sign, Wilcoxon) are the reports' ``logprob`` table (``mixattn.eval.report``).
 
     python docs/results/search_2k/key_logprob.py docs/results/search_2k/results.json "a|b" ...
 """
 
 import json
 import sys
-
-from scipy.stats import wilcoxon
 
 from mixattn.eval.stats import fmt_cell, mcnemar, proportion
 
@@ -36,16 +33,6 @@ def main(path, pairs):
     for a, b in (p.split("|") for p in pairs):
         t = mcnemar(kept[a], kept[b])
         print(f"| {a} | {b} | {t['n']} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} |")
-    # threshold-free: on how many prompts a's key is more likely than b's (exact sign test), and the
-    # median paired difference of log p
-    print("\n| a | b | n | log p higher in a | higher in b | sign test p | Wilcoxon p | median log p(a) - log p(b) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for a, b in (p.split("|") for p in pairs):
-        la, lb = [by[a][k] for k in ks], [by[b][k] for k in ks]
-        t = mcnemar([x > y for x, y in zip(la, lb)], [y > x for x, y in zip(la, lb)])
-        diff = sorted(x - y for x, y in zip(la, lb))[len(ks) // 2]
-        w = wilcoxon(la, lb).pvalue  # signed ranks: the sizes of the differences count too
-        print(f"| {a} | {b} | {len(ks)} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} | {w:.3g} | {diff:+.2f} |")
 
 
 if __name__ == "__main__":

@@ -146,8 +146,7 @@ def capture(mods: list[Attention]) -> Iterator[list[tuple]]:
         q, k = out.graph_qk
         B, T, _ = got["o"].shape
         v = got["v"].view(B, T, k.shape[1], -1).transpose(1, 2)
-        o = got["o"].view(B, T, q.shape[1], -1).transpose(1, 2)  # a view: its .grad is read from got["o"]
-        caps.append((q.detach(), k.detach(), v, _Grad(got["o"], o.shape)))
+        caps.append((q.detach(), k.detach(), v, _Grad(got["o"], q.shape[1])))
 
     handles = []
     for m in mods:
@@ -165,14 +164,13 @@ def capture(mods: list[Attention]) -> Iterator[list[tuple]]:
 class _Grad:
     """The captured attention output o (B, H, T, D): ``.grad`` is o_proj's input gradient, reshaped."""
 
-    def __init__(self, o_BTX: torch.Tensor, shape: torch.Size):
-        self._o, self._shape = o_BTX, shape
+    def __init__(self, o_BTX: torch.Tensor, num_heads: int):
+        self._o, self._heads = o_BTX, num_heads  # o_proj's input (B, T, H*D): the tensor autograd fills
 
     @property
     def grad(self) -> torch.Tensor | None:
         g = self._o.grad
-        B, H, T, D = self._shape
-        return None if g is None else g.view(B, T, H, D).transpose(1, 2)
+        return None if g is None else g.view(*g.shape[:2], self._heads, -1).transpose(1, 2)
 
 
 def run(model, samples, lengths, path=None, resume: bool = False, progress: bool = True) -> Profile:

@@ -59,16 +59,22 @@ def cells(results) -> dict:
     return out
 
 
-def paired(results, a: str, b: str, length=None, task=None) -> dict:
-    """Exact McNemar of methods ``a`` vs ``b`` on the prompts both were scored on (optionally one
-    length, or a list of lengths, and one task)."""
+def _matched(results, a: str, b: str, field: str, length=None, task=None) -> tuple[list, list]:
+    """``field`` of methods ``a`` and ``b`` on the prompts both were scored on, in the same order
+    (optionally one length, or a list of lengths, and one task)."""
     key = lambda r: (r["task"], r["length"], r["depth"], r["index"])  # noqa: E731
     keep = None if length is None else set(length) if isinstance(length, (list, tuple, set)) else {length}
     sel = [r for r in results["retrieval"] if (keep is None or r["length"] in keep) and (task is None or r["task"] == task)]
-    ra = {key(r): r["hit"] for r in sel if r["method"] == a}
-    rb = {key(r): r["hit"] for r in sel if r["method"] == b}
+    ra = {key(r): r[field] for r in sel if r["method"] == a}
+    rb = {key(r): r[field] for r in sel if r["method"] == b}
     common = sorted(set(ra) & set(rb))
-    return mcnemar([ra[k] for k in common], [rb[k] for k in common])
+    return [ra[k] for k in common], [rb[k] for k in common]
+
+
+def paired(results, a: str, b: str, length=None, task=None) -> dict:
+    """Exact McNemar of methods ``a`` vs ``b`` on the prompts both were scored on (optionally one
+    length, or a list of lengths, and one task)."""
+    return mcnemar(*_matched(results, a, b, "hit", length, task))
 
 
 def logprob_table(results, pairs) -> str:
@@ -76,15 +82,12 @@ def logprob_table(results, pairs) -> str:
     tokens are more likely under a than under b, the median difference of their log-probability
     (nats), and exact sign and Wilcoxon signed-rank p. No threshold: greedy hits say whether the
     model emits the key; this says whether the plan kept what it needs to, where the model is weak."""
-    key = lambda r: (r["task"], r["length"], r["depth"], r["index"])  # noqa: E731
     rows = []
     for a, b in pairs:
-        la = {key(r): r["logprob"] for r in results["retrieval"] if r["method"] == a}
-        lb = {key(r): r["logprob"] for r in results["retrieval"] if r["method"] == b}
-        common = sorted(set(la) & set(lb))
-        if not common:
+        la, lb = _matched(results, a, b, "logprob")
+        if not la:
             continue
-        t = paired_scores([la[k] for k in common], [lb[k] for k in common])
+        t = paired_scores(la, lb)
         rows.append({"a": a, "b": b, "n": t["n"], "higher in a": t["a_higher"], "higher in b": t["b_higher"],
                      "median log p(a) - log p(b)": f"{t['median_diff']:+.2f}", "sign p": f"{t['sign_p']:.3g}",
                      "Wilcoxon p": f"{t['wilcoxon_p']:.3g}"})  # fmt: skip
