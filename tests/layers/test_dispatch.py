@@ -1,6 +1,7 @@
 """The one attention seam: every attention path reaches a registered kernel, the model-level
 ``MixtureConfig.kernels`` setting chooses which, and each fast kernel equals its reference."""
 
+import dataclasses
 from unittest import mock
 
 import pytest
@@ -54,27 +55,43 @@ def test_ragged_chunk_attention_matches_the_reference_and_the_sparse_rule(sinks,
         assert_fp_close(out, want, terms=T * D)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moh", "tiny-bam", "tiny-moa"])
-def test_the_model_level_kernel_setting_reaches_every_attention(preset):
-    """With kernels={"attention": "spy"}, every dense attention call of the model goes through the
-    spy (a registered implementation for the test only), and the logits do not change."""
+def _graph_routed(kind: str):
+    """tiny-moe whose router smooths its probs over a token graph (a dense attention call per layer)."""
+    cfg = PRESETS["tiny-moe"]
+    return cfg.evolve(moe=dataclasses.replace(cfg.moe, router=dataclasses.replace(cfg.moe.router, graph=kind)))
+
+
+SPIED = [  # (config, op, calls per layer at least)
+    *[(PRESETS[p], "attention", 1) for p in ("tiny", "tiny-moh", "tiny-bam", "tiny-moa")],
+    (_graph_routed("similarity"), "attention", 2),  # the layer's attention and its router's graph
+    (_graph_routed("attention"), "attention", 2),
+    (PRESETS["tiny-moe"], "grouped_linear", 2),  # the MoE's two expert projections
+    (PRESETS["tiny-moa-moe"], "grouped_linear", 4),  # and MoA's
+]
+
+
+@pytest.mark.parametrize("cfg,op,per_layer", SPIED, ids=[f"{op}-{i}" for i, (_, op, _) in enumerate(SPIED)])
+def test_the_model_level_kernel_setting_reaches_every_call(cfg, op, per_layer):
+    """With kernels={op: "spy"}, every call of ``op`` in the model goes through the spy (a
+    registered implementation for the test only, that counts and runs the reference), and the
+    logits do not change."""
     calls = []
 
     def spy(*args, **kw):
         calls.append(1)
-        return kernels.get("attention", "reference")(*args, **kw)
+        return kernels.get(op, "reference")(*args, **kw)
 
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    model = MixtureLM(PRESETS[preset]).eval()
+    model = MixtureLM(cfg).eval()
     with torch.no_grad():
         want = model(ids).logits
-    with mock.patch.dict(kernels._REGISTRY["attention"], {"spy": spy}):
-        spied = MixtureLM(PRESETS[preset].evolve(kernels={"attention": "spy"})).eval()
+    with mock.patch.dict(kernels._REGISTRY[op], {"spy": spy}):
+        spied = MixtureLM(cfg.evolve(kernels={op: "spy"})).eval()
         spied.load_state_dict(model.state_dict())
         with torch.no_grad():
             got = spied(ids).logits
-    assert len(calls) >= model.cfg.num_layers  # at least one call per layer
+    assert len(calls) >= per_layer * model.cfg.num_layers
     assert_fp_close(got, want, terms=model.cfg.hidden_dim, chain=4 * model.cfg.num_layers)
 
 

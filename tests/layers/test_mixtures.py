@@ -1,5 +1,7 @@
 """Degenerate-case equivalences and fast-vs-reference parity for MoE, MoA, MoH and BAM."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -48,10 +50,10 @@ def test_one_expert_moe_equals_dense_swiglu():
 def test_moe_grouped_equals_reference_outputs_and_grads(E, K, T):
     cfg = MoEConfig(router=RouterConfig(num_experts=E, top_k=K, gate_norm="renorm"), shared_experts=1)
     fast = MoE(16, 12, cfg)
-    ref = MoE(16, 12, MoEConfig(router=cfg.router, shared_experts=1, impl="reference"))
+    ref = MoE(16, 12, cfg)
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(1, T, 16, requires_grad=True)
-    a, b = fast(x).y, ref(x).y
+    a, b = fast(x).y, ref(x, dataclasses.replace(make_ctx(T, D), kernels={"grouped_linear": "reference"})).y
     torch.testing.assert_close(a, b)
     params = [x, fast.input_linear.weight, fast.output_linear.weight, fast.router.proj.weight]
     params_ref = [x, ref.input_linear.weight, ref.output_linear.weight, ref.router.proj.weight]
@@ -118,10 +120,11 @@ def test_moa_with_all_experts_and_equal_gates_equals_dense_gqa():
 def test_moa_reference_impl_matches_grouped():
     cfg = _attn_cfg(H=4, Hkv=2)
     mcfg = MoAConfig(router=RouterConfig(num_experts=4, top_k=2, gate_norm="softmax_topk"))
-    fast, ref = MoAAttention(cfg, mcfg), MoAAttention(cfg, MoAConfig(router=mcfg.router, impl="reference"))
+    fast, ref = MoAAttention(cfg, mcfg), MoAAttention(cfg, mcfg)
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(1, 7, 24, requires_grad=True)
-    a, b = fast(x, make_ctx(7, D)).y, ref(x, make_ctx(7, D)).y
+    ctx_ref = dataclasses.replace(make_ctx(7, D), kernels={"grouped_linear": "reference"})
+    a, b = fast(x, make_ctx(7, D)).y, ref(x, ctx_ref).y
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(grads(a, x)[0], grads(b, x)[0])
 

@@ -82,8 +82,8 @@ def _spy_paths(monkeypatch):
 NO_GRAD_PATH = {"auto": "swiglu_experts_by_expert", "grouped": "combine_add", "reference": "combine_add"}
 
 
-def _moe(E, K, impl, dtype):
-    cfg = MoEConfig(router=RouterConfig(num_experts=E, top_k=K, gate_norm="renorm"), impl=impl)
+def _moe(E, K, dtype):
+    cfg = MoEConfig(router=RouterConfig(num_experts=E, top_k=K, gate_norm="renorm"))
     return MoE(d, f, cfg).to(dtype)
 
 
@@ -98,7 +98,7 @@ CASES = [  # (E, K, T, experts with no token)
 @pytest.mark.parametrize("impl", ["auto", "grouped", "reference"])
 @pytest.mark.parametrize("E,K,T,empty", CASES)
 def test_both_paths_match_the_float64_reference_within_the_derived_bound(E, K, T, empty, impl, dtype, monkeypatch):
-    moe = _moe(E, K, impl, dtype)
+    moe = _moe(E, K, dtype)
     x = torch.randn(T, d).to(dtype)
     topi, topw = _routing(T, E, K, empty)
     topw = topw.to(dtype)
@@ -106,17 +106,17 @@ def test_both_paths_match_the_float64_reference_within_the_derived_bound(E, K, T
     calls = _spy_paths(monkeypatch)
 
     with torch.no_grad():
-        y_inf = moe.experts(x, topi, topw)
+        y_inf = moe.experts(x, topi, topw, impl)
     assert calls == [NO_GRAD_PATH[impl]] and y_inf.dtype == dtype and y_inf.shape == (T, d)
     _assert_within(y_inf, want, bound)
 
-    y_train = moe.experts(x.requires_grad_(), topi, topw)
+    y_train = moe.experts(x.requires_grad_(), topi, topw, impl)
     assert len(calls) == 1 and y_train.requires_grad  # the grad path calls neither
     _assert_within(y_train.detach(), want, bound)
 
 
 def test_inference_path_runs_whenever_nothing_is_differentiated(monkeypatch):
-    moe = _moe(8, 2, "auto", torch.float32)
+    moe = _moe(8, 2, torch.float32)
     x = torch.randn(11, d)
     topi, topw = _routing(11, 8, 2, ())
     calls = _spy_paths(monkeypatch)
@@ -135,7 +135,7 @@ def test_inference_path_runs_whenever_nothing_is_differentiated(monkeypatch):
 
 
 def test_inference_path_is_deterministic_and_leaves_the_inputs_alone():
-    moe = _moe(64, 8, "auto", torch.float32)
+    moe = _moe(64, 8, torch.float32)
     x = torch.randn(29, d)
     topi, topw = _routing(29, 64, 8, (1,))
     x0, w0 = x.clone(), topw.clone()
@@ -147,7 +147,7 @@ def test_inference_path_is_deterministic_and_leaves_the_inputs_alone():
 def test_grad_path_is_unchanged():
     """With gradients, ``experts`` is exactly the sorted-gather / grouped GEMM / SwiGLU / un-sort
     composition it was before the no-grad path existed: same output and gradients, bit for bit."""
-    moe = _moe(8, 2, "auto", torch.float32)
+    moe = _moe(8, 2, torch.float32)
     x = torch.randn(23, d, requires_grad=True)
     topi, topw = _routing(23, 8, 2, (4,))
     topw.requires_grad_()
@@ -197,18 +197,18 @@ def test_inference_path_differs_from_the_grad_path_only_in_the_slot_sum(E, K, T,
     (with its gate products) is within K eps32 / 2 sum_k |w_k y_k| of the exact one, so the two are
     within K eps32 sum_k |w_k y_k|: doubled here because that sum is itself computed in the dtype.
     The final stores in the dtype then differ by at most one rounding, eps |y|."""
-    moe = _moe(E, K, impl, dtype)
+    moe = _moe(E, K, dtype)
     x = torch.randn(T, d).to(dtype)
     topi, topw = _routing(T, E, K, empty)
     topw = topw.to(dtype)
     with torch.no_grad():
-        y_inf = moe.experts(x, topi, topw)
+        y_inf = moe.experts(x, topi, topw, impl)
         disp = make_dispatch(topi, E)
         gate, up = moe.input_linear(x[disp.token], disp.counts).chunk(2, dim=-1)
         y_MO = moe.output_linear(F.silu(gate) * up, disp.counts)
         y_train = combine(y_MO, topw, disp)
         gated_abs = combine(y_MO.abs(), topw.abs(), disp).double()  # sum_k |w_k y_k|, up to rounding
-    assert torch.equal(y_train, moe.experts_train(x, topi, topw).detach())
+    assert torch.equal(y_train, moe.experts_train(x, topi, topw, impl).detach())
     u, u32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
     bound = 2 * K * u32 * gated_abs + u * y_train.double().abs()
     _assert_within(y_inf, y_train.double(), bound)
@@ -217,7 +217,7 @@ def test_inference_path_differs_from_the_grad_path_only_in_the_slot_sum(E, K, T,
 def test_hooked_or_named_impl_linears_go_through_the_modules(monkeypatch):
     """Expert parallelism wraps the ExpertLinear modules in hooks (and shards their weights): then
     the no-grad path must call the modules, not read their weights."""
-    moe = _moe(8, 2, "auto", torch.float32)
+    moe = _moe(8, 2, torch.float32)
     x = torch.randn(11, d)
     topi, topw = _routing(11, 8, 2, ())
     calls = _spy_paths(monkeypatch)

@@ -7,11 +7,17 @@ import math
 import pytest
 import torch
 
+from mixattn.layers.attention import AttnContext
 from mixattn.layers.cache import KVCache
 from mixattn.layers.losses import max_vio, routing_fluctuation, sequence_balance_loss, switch_loss
 from mixattn.layers.routers import Router, RouterConfig
 
 E, K, d = 5, 2, 8
+
+
+def _ctx(**kw) -> AttnContext:
+    """A layer context for the router, which reads its cache, offset, padding and kernels only."""
+    return AttnContext(cos=None, sin=None, **kw)
 
 
 def _router(dtype=torch.float64, **kw):
@@ -51,7 +57,7 @@ def test_similarity_graph_probs_follow_the_formula_with_temperature():
 def test_similarity_graph_ignores_left_padding():
     r = _router(graph="similarity", graph_temperature=2.0)
     x = torch.randn(2, 6, d, dtype=torch.float64)
-    out = r(x, left_pad=torch.tensor([2, 0]))
+    out = r(x, ctx=_ctx(left_pad=torch.tensor([2, 0])))
     want = _similarity_smoothed(x, _probs(r, x), 2.0, pad=2)
     torch.testing.assert_close(out.probs.view(2, 6, E)[0, 2:], want[0, 2:].float())
     torch.testing.assert_close(out.probs.view(2, 6, E)[1], want[1].float())
@@ -67,7 +73,7 @@ def test_graph_router_decoding_with_a_cache_equals_the_full_pass(graph):
     cache, kc = KVCache(), None
     for t in range(T):
         kc = k[:, :, : t + 1]  # the attention's own cache holds keys 0..t
-        step = r(x[:, t : t + 1], graph_qk=(q[:, :, t : t + 1], kc), cache=cache, q_offset=t).probs
+        step = r(x[:, t : t + 1], graph_qk=(q[:, :, t : t + 1], kc), ctx=_ctx(cache=cache, q_offset=t)).probs
         torch.testing.assert_close(step.view(B, E), full[:, t])
 
 

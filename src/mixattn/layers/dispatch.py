@@ -20,10 +20,15 @@ from .cache import RaggedKVCache
 from .sparse import SparseSpec
 
 
+def chosen(ctx, op: str) -> str:
+    """The name of the implementation of ``op`` the context's model chose ("auto" when it chose
+    none, or when there is no context)."""
+    return (getattr(ctx, "kernels", None) or {}).get(op, "auto")
+
+
 def kernel(ctx, op: str):
-    """The implementation of ``op`` the context's model chose ("auto" when it chose none)."""
-    chosen = getattr(ctx, "kernels", None) or {}
-    return kernels.get(op, chosen.get(op, "auto"))
+    """The implementation of ``op`` the context's model chose (see ``chosen``)."""
+    return kernels.get(op, chosen(ctx, op))
 
 
 def dense(q, k, v, ctx) -> torch.Tensor:

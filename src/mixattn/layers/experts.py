@@ -129,26 +129,25 @@ def swiglu_experts_by_expert(
 class ExpertLinear(nn.Module):
     """E independent linear maps stored as weight (E, out_dim, in_dim).
 
-    forward(x_sorted (M, in_dim), counts (E,)) -> (M, out_dim): rows sorted by expert, expert e
-    owning ``counts[e]`` consecutive rows. ``impl`` names a ``grouped_linear`` kernel.
+    forward(x_sorted (M, in_dim), counts (E,), impl="auto") -> (M, out_dim): rows sorted by expert,
+    expert e owning ``counts[e]`` consecutive rows. ``impl`` names the ``grouped_linear`` kernel; the
+    mixture layers pass the model's choice (``MixtureConfig.kernels``) at each call.
     """
 
-    def __init__(self, num_experts: int, in_dim: int, out_dim: int, impl: str = "auto"):
+    def __init__(self, num_experts: int, in_dim: int, out_dim: int):
         super().__init__()
-        kernels.get("grouped_linear", impl)  # fail early on an unknown impl
-        self.impl = impl
         self.weight = nn.Parameter(torch.empty(num_experts, out_dim, in_dim))
         bound = 1 / math.sqrt(in_dim)  # same distribution as nn.Linear's default init
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, x_MI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_MI: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         # Under expert parallelism (mixattn.parallel) the weight is a DTensor sharded on dim 0 and
         # x_MI holds the rows of this rank's experts only: jagged per-expert counts are not
         # expressible as DTensors, so the kernel runs on the local shard (as torchtitan does). Duck-typed
         # so that importing the layers never loads torch.distributed.
         w = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
-        return kernels.get("grouped_linear", self.impl)(x_MI, w, counts_E)
+        return kernels.get("grouped_linear", impl)(x_MI, w, counts_E)
 
     def extra_repr(self) -> str:
         E, O, I = self.weight.shape
-        return f"num_experts={E}, in_dim={I}, out_dim={O}, impl={self.impl!r}"
+        return f"num_experts={E}, in_dim={I}, out_dim={O}"

@@ -22,7 +22,7 @@ from torch import nn
 
 from .attention import AttentionConfig, AttnContext, LayerOutput, apply_rotary, check_input
 from .cache import KVCache
-from .dispatch import attend
+from .dispatch import attend, chosen
 from .experts import ExpertLinear, combine, make_dispatch
 from .routers import Router, RouterConfig
 from .sparse import SparseSpec
@@ -33,7 +33,6 @@ class MoAConfig:
     # JetMoE gates: softmax over the K selected logits
     router: RouterConfig = field(default_factory=lambda: RouterConfig(num_experts=8, top_k=2, gate_norm="softmax_topk"))
     bias: bool = True  # output bias added once after the gated sum (JetMoE)
-    impl: str = "auto"  # grouped_linear kernel
 
 
 class MoAAttention(nn.Module):
@@ -45,8 +44,8 @@ class MoAAttention(nn.Module):
         Hkv, D, d, E = attn.num_kv_heads, attn.head_dim, attn.hidden_dim, cfg.router.num_experts
         self.kv_proj = nn.Linear(d, 2 * Hkv * D, bias=False)  # rows: [K; V]
         self.router = Router(d, cfg.router)
-        self.input_linear = ExpertLinear(E, d, Hkv * D, cfg.impl)  # per-expert W_q
-        self.output_linear = ExpertLinear(E, Hkv * D, d, cfg.impl)  # per-expert W_o
+        self.input_linear = ExpertLinear(E, d, Hkv * D)  # per-expert W_q
+        self.output_linear = ExpertLinear(E, Hkv * D, d)  # per-expert W_o
         self.bias = nn.Parameter(torch.zeros(d)) if cfg.bias else None
         self.sparse: SparseSpec | None = None  # set by compress.apply_plan (one rule per shared KV head)
 
@@ -56,8 +55,9 @@ class MoAAttention(nn.Module):
         Hkv, D, K = self.attn_cfg.num_kv_heads, self.attn_cfg.head_dim, self.cfg.router.top_k
         r = self.router(x_BTd)
         disp = make_dispatch(r.indices, self.cfg.router.num_experts)
+        impl = chosen(ctx, "grouped_linear")
 
-        q_M = self.input_linear(x_BTd.reshape(B * T, d)[disp.token], disp.counts)  # (M, Hkv*D) sorted
+        q_M = self.input_linear(x_BTd.reshape(B * T, d)[disp.token], disp.counts, impl=impl)  # (M, Hkv*D) sorted
         q = q_M[disp.inverse].view(B, T, K, Hkv, D).permute(0, 3, 2, 1, 4)  # (B, Hkv, K, T, D)
         q = apply_rotary(q.reshape(B, Hkv * K, T, D), ctx.cos, ctx.sin)  # heads ordered (kv, slot)
 
@@ -68,7 +68,7 @@ class MoAAttention(nn.Module):
 
         o = attend(q, k, v, ctx, self.sparse)  # (B, Hkv*K, T, D); query head (kv, slot) reads KV head kv
         o_M = o.view(B, Hkv, K, T, D).permute(0, 3, 2, 1, 4).reshape(B * T * K, Hkv * D)[disp.order]
-        y = combine(self.output_linear(o_M, disp.counts), r.weights, disp).view(B, T, d)
+        y = combine(self.output_linear(o_M, disp.counts, impl=impl), r.weights, disp).view(B, T, d)
         if self.bias is not None:
             y = y + self.bias
         return LayerOutput(y, r, (q, k))

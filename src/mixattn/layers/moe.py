@@ -10,9 +10,10 @@ The routed experts run one of two paths with the same result up to rounding. Wit
 autograd-friendly one: gather, grouped GEMMs, SwiGLU, un-sort and sum (``combine``). When nothing
 is differentiated (inference, CPU), a cheaper one: the SwiGLU is computed in place in the gate half
 of the first projection's output, and the gated rows are added straight into their tokens' output
-rows, with no un-sort and no (N, K, d) temporary. With ``impl="auto"`` this runs one expert at a
-time through cache-resident buffers (``swiglu_experts_by_expert``); with a named ``impl`` (or under
-expert parallelism) through the ``ExpertLinear`` modules' grouped kernel and ``combine_add``.
+rows, with no un-sort and no (N, K, d) temporary. When the model leaves ``grouped_linear`` on
+``auto`` this runs one expert at a time through cache-resident buffers
+(``swiglu_experts_by_expert``); with a named kernel (``MixtureConfig.kernels``, or ``impl=`` here)
+or under expert parallelism, through the ``ExpertLinear`` modules' grouped kernel and ``combine_add``.
 
 Legend: B batch, T tokens, N = B*T, K top-k, M = N*K, E experts, d hidden dim, f expert ffn dim.
 """
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttnContext, LayerOutput, check_input
+from .dispatch import chosen
 from .experts import ExpertLinear, combine, combine_add, make_dispatch, sort_by_expert, swiglu_experts_by_expert
 from .norm import SwiGLU
 from .routers import Router, RouterConfig
@@ -37,7 +39,6 @@ class MoEConfig:
     expert_ffn_dim: int = 0  # width of each routed expert; 0 means the model's ffn_dim
     shared_experts: int = 0  # always-on experts (DeepSeekMoE), fused into one dense SwiGLU
     bias: bool = False  # output bias after the gated sum (JetMoE)
-    impl: str = "auto"  # grouped_linear kernel
 
     def __post_init__(self):
         if self.expert_ffn_dim < 0 or self.shared_experts < 0:
@@ -60,11 +61,10 @@ class MoEConfig:
         return replace(self, router=router, expert_ffn_dim=(self.expert_ffn_dim or ffn_dim) // m)
 
 
-def _plain_auto(lin: ExpertLinear) -> bool:
-    """impl "auto", a plain local weight and no hooks (expert parallelism wraps the module in hooks
-    and shards its weight): its weight may be used directly."""
-    plain = not hasattr(lin.weight, "to_local") and not lin._forward_hooks and not lin._forward_pre_hooks
-    return lin.impl == "auto" and plain
+def _plain(lin: ExpertLinear) -> bool:
+    """A plain local weight and no hooks (expert parallelism wraps the module in hooks and shards
+    its weight): its weight may be used directly."""
+    return not hasattr(lin.weight, "to_local") and not lin._forward_hooks and not lin._forward_pre_hooks
 
 
 class MoE(nn.Module):
@@ -75,47 +75,50 @@ class MoE(nn.Module):
         self.cfg, self.hidden_dim = cfg, hidden_dim
         f, E = cfg.expert_ffn_dim or ffn_dim, cfg.num_experts
         self.router = Router(hidden_dim, cfg.router)
-        self.input_linear = ExpertLinear(E, hidden_dim, 2 * f, cfg.impl)  # (E, 2f, d): [gate; up]
-        self.output_linear = ExpertLinear(E, f, hidden_dim, cfg.impl)  # (E, d, f)
+        self.input_linear = ExpertLinear(E, hidden_dim, 2 * f)  # (E, 2f, d): [gate; up]
+        self.output_linear = ExpertLinear(E, f, hidden_dim)  # (E, d, f)
         self.shared = SwiGLU(hidden_dim, f * cfg.shared_experts) if cfg.shared_experts else None
         self.bias = nn.Parameter(torch.zeros(hidden_dim)) if cfg.bias else None
 
-    def experts(self, x_Nd: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-        """The routed experts alone: (N, d) -> (N, d) given the routing."""
+    def experts(self, x_Nd: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor,
+                impl: str = "auto") -> torch.Tensor:  # fmt: skip
+        """The routed experts alone: (N, d) -> (N, d) given the routing; ``impl`` names the
+        ``grouped_linear`` kernel."""
         tensors = (x_Nd, weights_NK, self.input_linear.weight, self.output_linear.weight)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return self.experts_train(x_Nd, indices_NK, weights_NK)
-        return self.experts_inference(x_Nd, indices_NK, weights_NK)
+            return self.experts_train(x_Nd, indices_NK, weights_NK, impl)
+        return self.experts_inference(x_Nd, indices_NK, weights_NK, impl)
 
-    def experts_train(self, x_Nd: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    def experts_train(self, x_Nd: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor,
+                      impl: str = "auto") -> torch.Tensor:  # fmt: skip
         """The differentiable path: sorted gather, grouped GEMMs, SwiGLU, un-sort and sum over K."""
         disp = make_dispatch(indices_NK, self.cfg.num_experts)
         x_Md = x_Nd[disp.token]  # gather: one row per (token, slot), sorted by expert
-        gate_Mf, up_Mf = self.input_linear(x_Md, disp.counts).chunk(2, dim=-1)
-        h_Md = self.output_linear(F.silu(gate_Mf) * up_Mf, disp.counts)
+        gate_Mf, up_Mf = self.input_linear(x_Md, disp.counts, impl=impl).chunk(2, dim=-1)
+        h_Md = self.output_linear(F.silu(gate_Mf) * up_Mf, disp.counts, impl=impl)
         return combine(h_Md, weights_NK, disp)
 
     @torch.no_grad()
-    def experts_inference(self, x_Nd: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    def experts_inference(self, x_Nd: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor,
+                          impl: str = "auto") -> torch.Tensor:  # fmt: skip
         """The no-grad path (never differentiable): in-place SwiGLU, no un-sort on CPU."""
         if x_Nd.device.type != "cpu":  # index_add_ on GPUs sums with atomics: keep the deterministic combine
-            return self.experts_train(x_Nd, indices_NK, weights_NK)
+            return self.experts_train(x_Nd, indices_NK, weights_NK, impl)
         order_M, token_M, counts_E = sort_by_expert(indices_NK, self.cfg.num_experts)
         linears = (self.input_linear, self.output_linear)
-        if all(_plain_auto(lin) for lin in linears):
+        if impl == "auto" and all(_plain(lin) for lin in linears):
             w_in, w_out = (lin.weight for lin in linears)
             return swiglu_experts_by_expert(x_Nd, w_in, w_out, weights_NK, order_M, token_M, counts_E)
-        h_M2f = self.input_linear(x_Nd.index_select(0, token_M), counts_E)
+        h_M2f = self.input_linear(x_Nd.index_select(0, token_M), counts_E, impl=impl)
         f = h_M2f.shape[1] // 2
         act_Mf = F.silu(h_M2f[:, :f], inplace=True).mul_(h_M2f[:, f:])  # SwiGLU in the gate half
-        return combine_add(self.output_linear(act_Mf, counts_E), weights_NK, order_M, token_M)
+        return combine_add(self.output_linear(act_Mf, counts_E, impl=impl), weights_NK, order_M, token_M)
 
     def forward(self, x_BTd: torch.Tensor, ctx: AttnContext | None = None, graph_qk=None) -> LayerOutput:
         check_input(x_BTd, self.hidden_dim, "MoE")
         B, T, d = x_BTd.shape
-        cache, offset, pad = (ctx.cache, ctx.q_offset, ctx.left_pad) if ctx is not None else (None, 0, None)
-        r = self.router(x_BTd, graph_qk=graph_qk, cache=cache, q_offset=offset, left_pad=pad)
-        y_Nd = self.experts(x_BTd.reshape(B * T, d), r.indices, r.weights)
+        r = self.router(x_BTd, graph_qk=graph_qk, ctx=ctx)
+        y_Nd = self.experts(x_BTd.reshape(B * T, d), r.indices, r.weights, chosen(ctx, "grouped_linear"))
         y = y_Nd.view(B, T, d)
         if self.shared is not None:
             y = y + self.shared(x_BTd)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import kernels
+from .dispatch import kernel
 
 SCORINGS = ("softmax", "sigmoid", "query_norm")
 SELECT_ON = ("logits", "probs")
@@ -114,9 +114,7 @@ class Router(nn.Module):
         x_BTd: torch.Tensor,
         logits_NE: torch.Tensor | None = None,
         graph_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache=None,
-        q_offset: int = 0,
-        left_pad: torch.Tensor | None = None,
+        ctx=None,
     ) -> RouterOutput:
         """Route tokens.
 
@@ -125,9 +123,10 @@ class Router(nn.Module):
             logits_NE: (N, E) precomputed scores, required for ``query_norm`` scoring.
             graph_qk: (q (B, H, T, D), k (B, Hkv, Tk, D)) of the preceding attention, for the
                 attention-aware graph.
-            cache: a ``KVCache`` for decoding with a token graph (past keys and probs are kept).
-            q_offset: position of the first token of ``x`` (decoding).
-            left_pad: (B,) left padding per row; padded tokens stay out of the token graph.
+            ctx: the layer's ``AttnContext``, for a token graph: its cache keeps past keys and
+                probs when decoding, ``q_offset`` places ``x``, ``left_pad`` keeps padded tokens
+                out of the graph, and ``kernels`` chooses the attention kernel. None: a whole
+                unpadded sequence with the ``auto`` kernel.
         """
         cfg = self.cfg
         B, T, _ = x_BTd.shape
@@ -141,7 +140,7 @@ class Router(nn.Module):
             logits_NE = logits_NE + torch.randn_like(logits_NE) * cfg.noise_std
         probs_NE = torch.sigmoid(logits_NE) if cfg.scoring == "sigmoid" else torch.softmax(logits_NE, dim=-1)
         if cfg.graph != "none":
-            probs_NE = self._smooth(x_BTd, probs_NE, graph_qk, cache, q_offset, left_pad)
+            probs_NE = self._smooth(x_BTd, probs_NE, graph_qk, ctx)
 
         select_NE = logits_NE if (cfg.select_on == "logits" and cfg.graph == "none") else probs_NE
         if self.selection_bias is not None:  # bias steers selection only, never the gate value
@@ -163,7 +162,7 @@ class Router(nn.Module):
                 w_NK = w_NK * k
         return _ste_ones(w_NK) if self.cfg.gate == "binary_ste" else w_NK
 
-    def _smooth(self, x_BTd, probs_NE, graph_qk, cache, q_offset, left_pad=None) -> torch.Tensor:
+    def _smooth(self, x_BTd, probs_NE, graph_qk, ctx) -> torch.Tensor:
         """Average each token's expert probs over a causal token graph, without building it.
 
         The graph-weighted average G @ P is an attention call with P as the values: the similarity
@@ -172,6 +171,8 @@ class Router(nn.Module):
         """
         B, T, d = x_BTd.shape
         E = probs_NE.shape[-1]
+        cache, q_offset, left_pad = (ctx.cache, ctx.q_offset, ctx.left_pad) if ctx is not None else (None, 0, None)
+        attention = kernel(ctx, "attention")
         p_B1TE = probs_NE.view(B, T, E).unsqueeze(1).to(x_BTd.dtype)
         if cache is not None:
             p_B1TE = cache.extend("router_probs", p_B1TE)
@@ -180,13 +181,13 @@ class Router(nn.Module):
             if cache is not None:
                 keys_B1Td = cache.extend("router_keys", keys_B1Td)
             queries = x_BTd.unsqueeze(1) / self.cfg.graph_temperature
-            out_B1TE = kernels.get("attention")(queries, keys_B1Td, p_B1TE, q_offset, left_pad)
+            out_B1TE = attention(queries, keys_B1Td, p_B1TE, q_offset, left_pad)
             return out_B1TE.squeeze(1).reshape(B * T, E).float()
         if graph_qk is None:
             raise ValueError("attention-aware routing needs the preceding attention's (q, k)")
         q_BHTD, k_BKTD = graph_qk
         v_BKTE = p_B1TE.expand(-1, k_BKTD.shape[1], -1, -1)
-        out_BHTE = kernels.get("attention")(q_BHTD, k_BKTD, v_BKTE, q_offset, left_pad)
+        out_BHTE = attention(q_BHTD, k_BKTD, v_BKTE, q_offset, left_pad)
         return out_BHTE.mean(dim=1).reshape(B * T, E).float()
 
     @torch.no_grad()

@@ -75,8 +75,10 @@ FLAT = {
     "moa": "layers.moa", "moe": "layers.moe", "rcmha": "layers.rcmha", "bam_experts": "layers.bam_experts",
     "balance": "balancing.loss", "balance_coef": "balancing.coef", "z_coef": "balancing.z_coef",
 }  # fmt: skip
-# per-kind kernel choices of the first layout, now in MixtureConfig.kernels
-_OLD_IMPL = {"moh": "head_sparse_attention", "rcmha": "relative_attention"}
+# per-kind kernel choices of earlier layouts (``impl`` in a layer kind's config), now in
+# MixtureConfig.kernels: moh and rcmha until the grouped layout, moe and moa until one release later
+_OLD_IMPL = {"moh": "head_sparse_attention", "rcmha": "relative_attention",
+             "moe": "grouped_linear", "moa": "grouped_linear"}  # fmt: skip
 
 
 class _Alias:
@@ -170,23 +172,30 @@ class MixtureConfig:
 
 
 def migrate(data: dict) -> dict:
-    """A config dict in the current layout: flat keys move into their groups, and the per-kind
-    kernel fields of the first layout (``moh.impl``, ``rcmha.impl``) into ``kernels``."""
-    if not isinstance(data, dict) or not set(data) & set(FLAT):
+    """A config dict in the current layout. Flat keys (the first layout) move into their groups,
+    and a layer kind's own kernel field (``moh.impl``, ``rcmha.impl``, ``moe.impl``, ``moa.impl``)
+    moves into ``kernels``, where an explicit entry wins."""
+    if not isinstance(data, dict):
         return data
     out = {k: v for k, v in data.items() if k not in FLAT}
-    chosen = dict(out.get("kernels") or {})
     for key, value in data.items():
-        if key not in FLAT:
-            continue
-        if key in _OLD_IMPL and isinstance(value, dict) and "impl" in value:
-            value = {k: v for k, v in value.items() if k != "impl"}
-            if data[key]["impl"] != "auto":
-                chosen[_OLD_IMPL[key]] = data[key]["impl"]
-        group, name = FLAT[key].split(".")
-        out.setdefault(group, {})[name] = value
-    if chosen:
-        out["kernels"] = chosen
+        if key in FLAT:
+            group, name = FLAT[key].split(".")
+            here = out.get(group)
+            out[group] = {**(here if isinstance(here, dict) else {}), name: value}
+    if not isinstance(out.get("layers"), dict):
+        return out
+    layers, old = dict(out["layers"]), {}
+    for kind, op in _OLD_IMPL.items():
+        if isinstance(layers.get(kind), dict) and "impl" in layers[kind]:
+            impl = layers[kind]["impl"]
+            layers[kind] = {k: v for k, v in layers[kind].items() if k != "impl"}
+            if impl != "auto" and old.setdefault(op, impl) != impl:
+                raise ValueError(f"config: moe.impl and moa.impl name different {op} kernels "
+                                 f"({old[op]!r}, {impl!r}); a model now has one: set config kernels.{op}")  # fmt: skip
+    out["layers"] = layers
+    if old and isinstance(out.get("kernels", {}), dict):  # a malformed kernels entry is left to validation
+        out["kernels"] = {**old, **out.get("kernels", {})}
     return out
 
 
