@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import register
-from .sdpa import causal_sdpa
+from .sdpa import causal_mask, causal_sdpa
 
 
 def masked_attention(q_BHQD, k_BKTD, v_BKTD, mask=None) -> torch.Tensor:
@@ -29,16 +29,8 @@ def masked_attention(q_BHQD, k_BKTD, v_BKTD, mask=None) -> torch.Tensor:
 
 @register("attention", "reference")
 def attention_reference(q_BHQD, k_BKTD, v_BKTD, q_offset: int = 0, left_pad=None) -> torch.Tensor:
-    """Causal attention by the definition (``causal_sdpa``'s contract): query i sits at position
-    q_offset + i and sees key j <= that position; with ``left_pad`` (B,) a row's padded keys are
-    never seen and a padded query sees only itself."""
-    Tq, Tk, dev = q_BHQD.shape[2], k_BKTD.shape[2], q_BHQD.device
-    q_pos = torch.arange(q_offset, q_offset + Tq, device=dev)[:, None]
-    k_pos = torch.arange(Tk, device=dev)[None, :]
-    mask = k_pos <= q_pos  # (Tq, Tk)
-    if left_pad is not None:
-        pad = left_pad.to(dev)[:, None, None, None]  # (B, 1, 1, 1)
-        mask = (mask & (k_pos >= pad)) | ((q_pos < pad) & (k_pos == q_pos))
+    """Causal attention by the definition (``causal_sdpa``'s contract; the mask is ``causal_mask``)."""
+    mask = causal_mask(q_BHQD.shape[2], k_BKTD.shape[2], q_offset, left_pad, q_BHQD.device)
     return masked_attention(q_BHQD, k_BKTD, v_BKTD, mask)
 
 

@@ -11,6 +11,19 @@ import torch.nn.functional as F
 from . import register
 
 
+def causal_mask(Tq: int, Tk: int, q_offset: int = 0, left_pad=None, device=None) -> torch.Tensor:
+    """The ``attention`` op's mask, True where seen: query i sits at position q_offset + i and sees
+    key j <= that position; with ``left_pad`` (B,) a row's padded keys are never seen and a padded
+    query sees only itself. (Tq, Tk), or (B, 1, Tq, Tk) with ``left_pad``."""
+    q_pos = torch.arange(q_offset, q_offset + Tq, device=device)[:, None]
+    k_pos = torch.arange(Tk, device=device)[None, :]
+    mask = k_pos <= q_pos  # (Tq, Tk)
+    if left_pad is not None:
+        pad = left_pad.to(device)[:, None, None, None]  # (B, 1, 1, 1)
+        mask = (mask & (k_pos >= pad)) | ((q_pos < pad) & (k_pos == q_pos))
+    return mask
+
+
 @register("attention", "sdpa")
 def causal_sdpa(
     q_BHQD: torch.Tensor,
@@ -31,11 +44,8 @@ def causal_sdpa(
     Tq, Tk = q_BHQD.shape[2], k_BKTD.shape[2]
     gqa = q_BHQD.shape[1] != k_BKTD.shape[1]
     if left_pad is not None and bool(left_pad.any()):
-        q_pos = torch.arange(q_offset, q_offset + Tq, device=q_BHQD.device)[:, None]  # (Tq, 1)
-        k_pos = torch.arange(Tk, device=q_BHQD.device)[None, :]  # (1, Tk)
-        pad = left_pad.to(q_BHQD.device)[:, None, None]  # (B, 1, 1)
-        mask_BQT = ((k_pos <= q_pos) & (k_pos >= pad)) | ((q_pos < pad) & (k_pos == q_pos))
-        return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, attn_mask=mask_BQT[:, None], enable_gqa=gqa)
+        mask_B1QT = causal_mask(Tq, Tk, q_offset, left_pad, q_BHQD.device)
+        return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, attn_mask=mask_B1QT, enable_gqa=gqa)
     if q_offset == 0 and Tq == Tk:
         return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, is_causal=True, enable_gqa=gqa)
     if Tq == 1 and q_offset == Tk - 1:  # one decode query sees every key
@@ -44,8 +54,7 @@ def causal_sdpa(
         # the query heads of a KV head ride on the query axis: no K/V expansion for GQA
         o_BKGV = F.scaled_dot_product_attention(q_BHQD.reshape(B, Hkv, H // Hkv, D), k_BKTD, v_BKTD)
         return o_BKGV.reshape(B, H, 1, v_BKTD.shape[-1])  # values may be narrower than D (graph routers)
-    q_pos = torch.arange(q_offset, q_offset + Tq, device=q_BHQD.device)
-    mask_QT = q_pos[:, None] >= torch.arange(Tk, device=q_BHQD.device)[None, :]
+    mask_QT = causal_mask(Tq, Tk, q_offset, None, q_BHQD.device)
     return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, attn_mask=mask_QT, enable_gqa=gqa)
 
 
