@@ -11,6 +11,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_choices(tmp_path_factory):
+    """The kernel autotuner's choices go to a file of this test session, not the user's cache: a test
+    must neither depend on another run's timings nor leave its own behind."""
+    import os
+
+    if os.environ.get("MIXATTN_KERNEL_CHOICES"):
+        yield
+        return
+    os.environ["MIXATTN_KERNEL_CHOICES"] = str(tmp_path_factory.mktemp("kernels") / "kernel_choices.json")
+    yield
+    del os.environ["MIXATTN_KERNEL_CHOICES"]
+
+
 def make_ctx(T: int, head_dim: int, offset: int = 0, cache=None, theta: float = 10000.0, kernels=None) -> AttnContext:
     cos, sin = RotaryEmbedding(head_dim, theta)(torch.arange(offset, offset + T))
     return AttnContext(cos, sin, offset, cache, kernels=kernels)
