@@ -12,7 +12,9 @@ on a shared machine) and wall seconds. Plans:
 
 - uniform d: every KV head sink 64 + an elastic window (StreamingLLM), density d at N;
 - heterogeneous d: per layer the three KV heads keep d/2, d and min(1, 3d/2) (rotating by layer),
-  mean density d, three distinct rules per layer and 3 x 30 rules in all.
+  mean density d, three distinct rules per layer and 3 x 30 rules in all;
+- ``--plan-file LABEL=PATH``: a plan from ``mixattn compress`` (its elastic rules evaluated at N), e.g.
+  the searched ``full+window`` plans, whose full heads run plain causal SDPA.
 
 "work bound" = the prefill time if attention time were proportional to the (query, key) pairs kept,
 from the dense profile's attention share: 1 / (1 - a + a * kept / causal), a = the attention share.
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, stamp, table  # noqa: E402
+from common import cpu_model, plan_files, stamp, table  # noqa: E402
 
 import mixattn  # noqa: E402
 from mixattn.compress import HeadRule, Plan, apply_plan, remove_plan  # noqa: E402
@@ -98,7 +100,8 @@ def main():
     ap.add_argument("--lengths", default="4096,8192")
     ap.add_argument("--densities", default="0.5,0.25")
     ap.add_argument("--impls", default="auto", help="sparse_attention kernels to time (auto, sdpa, flex)")
-    ap.add_argument("--plans", help="comma-separated subset of plan names (default: all)")
+    ap.add_argument("--plans", help="comma-separated subset of plan names (default: all; 'none' for no synthetic plan)")
+    ap.add_argument("--plan-file", action="append", metavar="[LABEL=]PATH", help="also time this plan JSON (repeatable)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--threads", type=int)
@@ -118,6 +121,7 @@ def main():
         ps = plans(N, densities)
         if a.plans:
             ps = {k: v for k, v in ps.items() if k in a.plans.split(",")}
+        ps.update(plan_files(a.plan_file))
         cases = [("dense", None, None)] + [(f"{n} [{i}]", p, i) for n, p in ps.items() for i in impls]
         times = {c[0]: [] for c in cases}
         for r in range(a.repeats + 1):  # round 0: warm-up

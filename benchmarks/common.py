@@ -46,6 +46,20 @@ def timeit(fn, repeats: int = 3, warmup: int = 1) -> float:
     return best
 
 
+def plan_files(specs) -> dict:
+    """``LABEL=PATH`` or ``PATH`` (labelled by file stem) for each spec -> {label: Plan}: a searched plan
+    (``mixattn compress``) timed beside the synthetic ones."""
+    from pathlib import Path
+
+    from mixattn.compress import Plan
+
+    out = {}
+    for spec in specs or ():
+        label, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).stem, "", spec)
+        out[label] = Plan.load(path)
+    return out
+
+
 def table(rows: list[list], header: list[str]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

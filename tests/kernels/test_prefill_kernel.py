@@ -31,10 +31,10 @@ def _long_case(T, sinks, spans, G=2, B=1, pad=None, seed=0):
     return q, k, v, torch.tensor(sinks), torch.tensor(spans), pad
 
 
-def _check(case):
+def _check(case, impl="sdpa"):
     q, k, v, sink, span, pad = (t.clone().requires_grad_() if i < 3 else t for i, t in enumerate(case))
     want = brute_force(q, k, v, sink, span, pad)
-    out = kernels.get("sparse_attention", "sdpa")(q, k, v, sink, span, pad)
+    out = kernels.get("sparse_attention", impl)(q, k, v, sink, span, pad)
     assert_close_bound(out, want, rounding_bound(torch.float64, q, k, v))
     tol = _grad_bound(torch.float64, q, k, v, want)
     for a, b in zip(_grads(out, (q, k, v)), _grads(want, (q, k, v))):

@@ -66,7 +66,7 @@ def test_bf16_model_agrees_with_fp32_to_bf16_rounding(plan):
     assert model.generate(ids, 3).shape == (2, 153)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "flex", "blocked"])
+@pytest.mark.parametrize("impl", ["sdpa", "merge", "flex", "blocked"])
 def test_bf16_sparse_kernels_agree_with_the_fp32_reference(impl):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, n, 400, 64, generator=g) for n in (6, 2, 2))

@@ -54,4 +54,4 @@ def get(op: str, impl: str = "auto") -> Callable:
 
 
 # Registration happens on import of these modules (they only define functions).
-from . import grouped, head_sparse, ragged, reference, relative, sdpa, sparse, sparse_auto, sparse_sdpa  # noqa: E402,F401
+from . import grouped, head_sparse, ragged, reference, relative, sdpa, sparse, sparse_auto, sparse_merge, sparse_sdpa  # noqa: E402,F401

@@ -48,18 +48,30 @@ def _band_mask(C: int, sink: int, span: int, device: str) -> torch.Tensor:
     return torch.cat([torch.ones(C, sink, dtype=torch.bool, device=device), band], dim=1)
 
 
+def _causal_head(q, k, v, P: int) -> torch.Tensor:
+    """Queries [0, P) see every earlier key: one causal SDPA call over the first P keys."""
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, enable_gqa=gqa)
+
+
 def _group(q, k, v, sink: int, span: int) -> torch.Tensor:
     """One rule for all heads: q (B, Hg*G, T, D), k, v (B, Hg, T, D) -> (B, Hg*G, T, D)."""
     T = q.shape[2]
-    gqa = q.shape[1] != k.shape[1]
     P = min(T, sink + span)
-    head = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, enable_gqa=gqa)
+    head = _causal_head(q, k, v, P)
     if P == T:  # every query keeps all its keys: plain causal attention
         return head
-    C = block_rows(span)
+    return torch.cat([head, masked_blocks(q, k, v, sink, span, P, block_rows(span))], dim=2)
+
+
+def masked_blocks(q, k, v, sink: int, span: int, start: int, C: int) -> torch.Tensor:
+    """Queries [start, T) (start >= sink + span) in blocks of C rows, one band-masked SDPA call each,
+    over the sink and the block's window keys: -> (B, Hg*G, T - start, D)."""
+    T = q.shape[2]
+    gqa = q.shape[1] != k.shape[1]
     mask = _band_mask(C, sink, span, str(q.device))
-    outs = [head]
-    for a in range(P, T, C):
+    outs = []
+    for a in range(start, T, C):
         c = min(C, T - a)
         lo = a - span + 1  # first window key of the block's first query; > sink since a >= sink + span
         kk = torch.cat([k[:, :, :sink], k[:, :, lo : a + c]], dim=2) if sink else k[:, :, lo : a + c]
@@ -69,15 +81,15 @@ def _group(q, k, v, sink: int, span: int) -> torch.Tensor:
     return torch.cat(outs, dim=2)
 
 
-@register("sparse_attention", "sdpa")
-@_per_sample
-def sparse_sdpa(q, k, v, sink, span):
+def _by_rule(q, k, v, sink, span, group) -> torch.Tensor:
+    """Run ``group(q_g, k_g, v_g, sink, span)`` once per set of KV heads with equal rules and put the
+    query heads back in order: (B, H, T, D) -> (B, H, T, D)."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
     groups = _rule_groups(sink, span)
     if len(groups) == 1:
-        return _group(q, k, v, int(sink[0]), int(span[0]))
+        return group(q, k, v, int(sink[0]), int(span[0]))
     outs, order = [], []
     for heads in groups:
         h0, n = heads[0], len(heads)
@@ -87,9 +99,15 @@ def sparse_sdpa(q, k, v, sink, span):
             idx = torch.tensor(heads, device=q.device)
             q_idx = (idx[:, None] * G + torch.arange(G, device=q.device)).flatten()
             qg, kg, vg = q.index_select(1, q_idx), k.index_select(1, idx), v.index_select(1, idx)
-        outs.append(_group(qg, kg, vg, int(sink[h0]), int(span[h0])))
+        outs.append(group(qg, kg, vg, int(sink[h0]), int(span[h0])))
         order += [h * G + g for h in heads for g in range(G)]
     out = torch.cat(outs, dim=1)  # query heads in group order
     if order != list(range(H)):
         out = out.index_select(1, torch.argsort(torch.tensor(order, device=q.device)))
     return out
+
+
+@register("sparse_attention", "sdpa")
+@_per_sample
+def sparse_sdpa(q, k, v, sink, span):
+    return _by_rule(q, k, v, sink, span, _group)
