@@ -6,6 +6,10 @@ import random
 from mixattn.eval import report, verdict
 
 
+def _ppl(nll):
+    return {"ppl": 2.718281828 ** (sum(nll) / len(nll)), "ppl_lo": 0.0, "ppl_hi": 0.0, "windows": len(nll), "nll": nll}
+
+
 def _results(acc=None, n=6, lengths=(1024, 2048)):
     acc = acc or {"dense": 0.8, "mixattn 0.5": 0.7, "uniform 0.5": 0.3}
     rng = random.Random(0)
@@ -18,8 +22,8 @@ def _results(acc=None, n=6, lengths=(1024, 2048)):
                                  "hit": rng.random() < p, "density": 1.0 if m == "dense" else 0.5,
                                  "generated": " 123", "logprob": -1.0})  # fmt: skip
     dens = {m: {N: 1.0 if m == "dense" else 0.5 for N in lengths} for m in acc}
-    ppl = {m: {4096: {"ppl": 20.0 * (1.01 if m != "dense" else 1), "ppl_lo": 19.0, "ppl_hi": 21.0, "windows": 2}}
-           for m in acc}  # fmt: skip
+    base = [3.0, 3.2]  # two windows; the plans' NLL 0.01 above dense on each: ratio exp(0.01)
+    ppl = {m: {4096: _ppl([x + (0.01 if m != "dense" else 0) for x in base])} for m in acc}
     return {"retrieval": recs, "density": dens, "ppl": ppl, "speed": {}}
 
 
@@ -50,3 +54,21 @@ def test_verdict_says_not_met_when_the_plan_loses():
     res = _results({"dense": 1.0, "mixattn 0.5": 1.0, "uniform 0.5": 0.0}, n=20)
     line = verdict.verdicts(res, (0.5,))[0]
     assert line.endswith("-> MET"), line
+
+
+def test_perplexity_is_paired_over_windows_and_judged_by_its_interval():
+    """Windows differ far more than methods on one window: the paired interval sees a +1% shift that
+    the unpaired window intervals would bury; the verdict says MET only when the interval is within 5%."""
+    res = _results()
+    dense = [2.0, 3.0, 4.0, 2.5, 3.5, 2.2, 3.8, 2.9]
+    plan = [x + 0.01 + 0.001 * (i % 2) for i, x in enumerate(dense)]
+    res["ppl"] = {"dense": {4096: _ppl(dense)}, "mixattn 0.5": {4096: _ppl(plan)}}
+    table = report.ppl_paired_table(res, [("mixattn 0.5", "dense")])
+    assert "| mixattn 0.5 | dense | 4096 | 8 | 8 |" in table
+    line = [v for v in verdict.verdicts(res, (0.5,)) if v.startswith("perplexity")][0]
+    assert line.endswith("-> MET") and "+1.1%" in line, line
+    res["ppl"]["mixattn 0.5"][4096] = _ppl([x + (0.10 if i % 2 else -0.08) for i, x in enumerate(dense)])  # mean +1%, noisy
+    line = [v for v in verdict.verdicts(res, (0.5,)) if v.startswith("perplexity")][0]
+    assert line.endswith("(the interval reaches past +5%)"), line
+    res["ppl"]["mixattn 0.5"][4096] = _ppl([x + 0.06 for x in dense])
+    assert [v for v in verdict.verdicts(res, (0.5,)) if v.startswith("perplexity")][0].endswith("-> NOT MET")

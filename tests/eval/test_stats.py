@@ -1,7 +1,10 @@
 """Wilson intervals and the exact McNemar test against known values and relations."""
 
+import math
+
 import pytest
 
+from mixattn.eval import stats
 from mixattn.eval.stats import fmt_cell, mcnemar, proportion, wilson
 
 
@@ -73,3 +76,17 @@ def test_paired_scores_known_values_and_symmetry():
     assert mixed["a_higher"] == 4 and mixed["wilcoxon_p"] > 0.5  # ranks 1-4 for the wins, 5 for the loss
     with pytest.raises(ValueError, match="equal lengths"):
         paired_scores([1.0], [1.0, 2.0])
+
+
+def test_paired_ratio_known_values_and_symmetry():
+    a, b = [2.0, 3.0, 4.0], [1.9, 3.0, 3.8]  # differences 0.1, 0, 0.2: mean 0.1, sd 0.1
+    r = stats.paired_ratio(a, b)
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2)
+    assert math.isclose(r["ratio"], math.exp(0.1)) and r["windows"] == 3 and r["a_higher"] == 2
+    assert math.isclose(r["lo"], math.exp(0.1 - half)) and math.isclose(r["hi"], math.exp(0.1 + half))
+    back = stats.paired_ratio(b, a)
+    assert math.isclose(back["ratio"] * r["ratio"], 1.0) and math.isclose(back["hi"] * r["lo"], 1.0)
+    one = stats.paired_ratio([2.0], [1.5])
+    assert math.isclose(one["ratio"], math.exp(0.5)) and math.isnan(one["lo"])
+    with pytest.raises(ValueError, match="equal"):
+        stats.paired_ratio([1.0], [1.0, 2.0])

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..paths import save_figure, write_json, write_text
-from .stats import fmt_cell, mcnemar, paired_scores, proportion
+from .stats import fmt_cell, mcnemar, paired_ratio, paired_scores, proportion
 
 
 def _fmt(v) -> str:
@@ -147,6 +147,21 @@ def other_table(results) -> str:
     return markdown_table(rows, [("method", "method")] + [(k, heads.get(k, k)) for k in keys]) if keys else ""
 
 
+def ppl_paired_table(results, pairs) -> str:
+    """Perplexity of a over b on the same windows: ratio with its paired 95% t interval (``paired_ratio``)."""
+    ppl, rows = results.get("ppl", {}), []
+    for a, b in pairs:
+        for N in sorted(set(ppl.get(a, {})) & set(ppl.get(b, {})), key=int):
+            na, nb = ppl[a][N]["nll"], ppl[b][N]["nll"]
+            if len(na) != len(nb):
+                continue
+            r = paired_ratio(na, nb)
+            rows.append({"a": a, "b": b, "length": str(N), "windows": r["windows"], "higher in a": r["a_higher"],
+                         "ppl a / ppl b": f"{r['ratio']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}]"})  # fmt: skip
+    cols = ("a", "b", "length", "windows", "higher in a", "ppl a / ppl b")
+    return markdown_table(rows, [(k, k) for k in cols]) if rows else ""
+
+
 def write(results: dict, out: Path, pairs=None, verdicts=None, header: str = "") -> str:
     """results.json, results.md and the plots under ``out``; returns the markdown.
 
@@ -168,6 +183,9 @@ def write(results: dict, out: Path, pairs=None, verdicts=None, header: str = "")
     other = other_table(results)
     if other:
         parts += ["## Perplexity (95% interval over windows) and speed", other]
+    ppl_pairs = ppl_paired_table(results, pairs) if pairs else ""
+    if ppl_pairs:
+        parts += ["## Perplexity ratio, paired (same windows; 95% t interval of the per-window NLL difference)", ppl_pairs]
     if verdicts:
         parts += ["## Verdicts", "\n".join(f"- {v}" for v in verdicts)]
     text = "\n\n".join(parts) + "\n"

@@ -75,6 +75,28 @@ def paired_scores(a, b) -> dict:
             "sign_p": sign["p"], "wilcoxon_p": float(wilcoxon(a, b).pvalue) if nonzero else 1.0}  # fmt: skip
 
 
+def paired_ratio(nll_a, nll_b) -> dict:
+    """Perplexity ratio of a over b from per-window mean NLLs on the SAME windows (same order).
+
+    The per-window differences d = nll_a - nll_b carry the pairing (windows differ far more from each
+    other than the methods do on one window), so the interval is the t interval of mean(d), mapped
+    through exp: ratio = exp(mean d), lo/hi = exp(mean d -/+ t(0.975, W-1) sd(d) / sqrt(W)).
+    Returns {"windows", "ratio", "lo", "hi", "a_higher"}; lo = hi = nan for one window.
+    """
+    from scipy.stats import t as student_t
+
+    if len(nll_a) != len(nll_b) or not nll_a:
+        raise ValueError(f"paired ratio needs equal, non-empty window lists, got {len(nll_a)} and {len(nll_b)}")
+    d = [float(x) - float(y) for x, y in zip(nll_a, nll_b)]
+    W, mean = len(d), sum(d) / len(d)
+    half = float("nan")
+    if W > 1:
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (W - 1))
+        half = float(student_t.ppf(0.975, W - 1)) * sd / math.sqrt(W)
+    return {"windows": W, "ratio": math.exp(mean), "lo": math.exp(mean - half), "hi": math.exp(mean + half),
+            "a_higher": sum(x > 0 for x in d)}  # fmt: skip
+
+
 def fmt_cell(cell: dict) -> str:
     """``0.65 [0.43, 0.82] n=20``; an en dash for an empty cell."""
     if not cell or not cell.get("n"):

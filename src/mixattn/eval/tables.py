@@ -26,7 +26,7 @@ from ..paths import write_text
 from . import report
 
 BLOCK = re.compile(r"(<!-- table: (\S+) (\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
-KINDS = ("retrieval", "pooled", "density", "paired", "logprob", "other", "verdicts")
+KINDS = ("retrieval", "pooled", "density", "paired", "logprob", "other", "ppl_paired", "verdicts")
 
 
 def render(results: dict, kind: str) -> str:
@@ -44,6 +44,8 @@ def render(results: dict, kind: str) -> str:
         return report.logprob_table(results, [tuple(p) for p in results.get("pairs", [])])
     if kind == "other":
         return report.other_table(results)
+    if kind == "ppl_paired":
+        return report.ppl_paired_table(results, [tuple(p) for p in results.get("pairs", [])])
     if kind == "verdicts":
         return "\n".join(f"- {v}" for v in results.get("verdicts", []))
     raise ValueError(f"unknown table kind {kind!r}; valid: {', '.join(KINDS)}")
