@@ -6,7 +6,8 @@
 SmolLM2-135M (embedded) is exported as an HF Llama folder and loaded with ``AutoModelForCausalLM``
 (SDPA attention). transformers runs its best case: a manual greedy loop over a ``DynamicCache``, the
 prefill with ``logits_to_keep=1``. mixattn runs the same loop over its own cache, dense and with a
-density-0.5 plan (uniform sink 64 + window; ragged cache). The prompt is Shakespeare, a different
+density-0.5 plan (uniform sink 64 + window; ragged cache) and any ``--plan-file`` (a searched plan,
+e.g. ``full+window``). The prompt is Shakespeare, a different
 slice per batch row.
 
 Method (as the issue's): prefill = best of ``--repeats`` runs; decode = median step time over
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, stamp, table  # noqa: E402
+from common import cpu_model, plan_files, stamp, table  # noqa: E402
 
 import mixattn  # noqa: E402
 from mixattn.compress import Plan, apply_plan, remove_plan  # noqa: E402
@@ -98,6 +99,8 @@ def main():
     ap.add_argument("--steps", type=int, default=16, help="greedy decode steps timed")
     ap.add_argument("--repeats", type=int, default=2, help="prefill runs (best of)")
     ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--no-uniform", action="store_true", help="skip the uniform plan (time only --plan-file plans)")
+    ap.add_argument("--plan-file", action="append", metavar="[LABEL=]PATH", help="also run this plan JSON (repeatable)")
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--threads", type=int)
     ap.add_argument("--wall", action="store_true", help="time with the wall clock instead of CPU time")
@@ -126,9 +129,11 @@ def main():
                 res = {"transformers (sdpa, DynamicCache)": run_hf(hf, ids, a.steps, a.repeats)}
                 remove_plan(ours)
                 res["mixattn dense"] = run_ours(ours, ids, a.steps, a.repeats)
-                apply_plan(ours, plan)
-                res[f"mixattn + uniform {a.density}"] = run_ours(ours, ids, a.steps, a.repeats)
-                remove_plan(ours)
+                extra = {} if a.no_uniform else {f"uniform {a.density}": plan}
+                for label, p in {**extra, **plan_files(a.plan_file)}.items():
+                    apply_plan(ours, p)
+                    res[f"mixattn + {label}"] = run_ours(ours, ids, a.steps, a.repeats)
+                    remove_plan(ours)
                 hp, hd, htok = res["transformers (sdpa, DynamicCache)"]
                 for name, (p, d, toks) in res.items():
                     rows.append([T, B, name, f"{p:.2f}", f"{B / d:.2f}", f"**{hp / p:.2f}x**", f"**{hd / d:.2f}x**",
