@@ -2,12 +2,14 @@
 ``MixtureConfig.kernels`` setting chooses which, and each fast kernel equals its reference."""
 
 import dataclasses
+import functools
 from unittest import mock
 
 import pytest
 import torch
 
 from mixattn import kernels
+from mixattn.kernels.ragged import _chunk_rows
 from mixattn.layers.cache import RaggedKVCache
 from mixattn.models.config import PRESETS
 from mixattn.models.decoder import MixtureLM
@@ -37,7 +39,8 @@ def test_dense_attention_sdpa_matches_the_reference_outputs_and_grads(B, H, Hkv,
         assert_fp_close(ga, gb, terms=Tk * 8, chain=8)
 
 
-@pytest.mark.parametrize("sinks,spans,T,first", [([2, 0], [5, 3], 30, 7), ([0, 4, 1], [30, 2, 9], 25, 12)])
+@pytest.mark.parametrize("sinks,spans,T,first", [([2, 0], [5, 3], 30, 7), ([0, 4, 1], [30, 2, 9], 25, 12),
+                                                  ([3, 9], [6, 4], 40, 2)])  # a chunk starting inside the sink
 def test_ragged_chunk_attention_matches_the_reference_and_the_sparse_rule(sinks, spans, T, first):
     """A prompt prefilled in two chunks: the second chunk's output equals the sparse reference."""
     Hkv, G, D = len(sinks), 2, 8
@@ -46,12 +49,11 @@ def test_ragged_chunk_attention_matches_the_reference_and_the_sparse_rule(sinks,
     k, v = torch.randn(1, Hkv, T, D, generator=g), torch.randn(1, Hkv, T, D, generator=g)
     sink, span = torch.tensor(sinks), torch.tensor(spans)
     want = kernels.get("sparse_attention", "reference")(q, k, v, sink, span)[:, :, first:]
-    for impl in ("sdpa", "reference"):
+    blocks = functools.partial(_chunk_rows, rows=4)  # the sdpa impl's query blocks, several per chunk
+    for impl in (kernels.get("ragged_chunk_attention", "sdpa"), kernels.get("ragged_chunk_attention", "reference"), blocks):
         cache = RaggedKVCache(sink, span, T)
         cache.write(k[:, :, :first], v[:, :, :first])
-        out = kernels.get("ragged_chunk_attention", impl)(
-            q[:, :, first:], k[:, :, first:], v[:, :, first:], cache.kept(), cache.sink, cache.span, cache.length
-        )
+        out = impl(q[:, :, first:], k[:, :, first:], v[:, :, first:], cache.kept(), cache.sink, cache.span, cache.length)
         assert_fp_close(out, want, terms=T * D)
 
 

@@ -8,7 +8,8 @@
 - ``ragged_chunk_attention`` (chunked prefill): T new queries at positions ``L .. L+T-1`` over each
   head's kept keys (given with their positions) plus the new keys, masked by the head's rule.
 
-``sdpa`` calls the fused kernel; ``reference`` is the explicit softmax (``masked_attention``).
+``sdpa`` calls the fused kernel (the chunk in blocks of ``CHUNK_ROWS`` queries, each over the keys
+it can reach); ``reference`` is the explicit softmax (``masked_attention``) over every kept key.
 Query heads of one KV head ride on the query axis, so GQA needs no K/V expansion.
 
 Legend: B batch, H query heads, Hkv KV heads, G = H / Hkv, T new queries, n kept keys, D head dim.
@@ -76,12 +77,43 @@ def _chunk(attn, q_BHTD, k_BKTD, v_BKTD, kept, sink, span, L) -> torch.Tensor:
     return torch.cat(outs, dim=1)
 
 
+CHUNK_ROWS = 256  # query rows per SDPA call of the chunked prefill: bounds the mask to ROWS x (sink + span + ROWS)
+
+
+def _chunk_rows(q_BHTD, k_BKTD, v_BKTD, kept, sink, span, L: int, rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """``_chunk`` with the queries in blocks of ``rows``: each block attends to the sink and the keys
+    its window reaches only (positions are sorted: kept ones, then the new ones), so the transient
+    mask and scores are rows x (sink + span + rows) instead of T x (kept + T)."""
+    H, T, Hkv = q_BHTD.shape[1], q_BHTD.shape[2], k_BKTD.shape[1]
+    G = H // Hkv
+    dev = q_BHTD.device
+    outs = []
+    for h, (pos, k_old, v_old) in enumerate(kept):
+        s, w = int(sink[h]), int(span[h])
+        kp = torch.cat([pos, torch.arange(L, L + T, device=dev)])  # (n + T,) ascending
+        kk = torch.cat([k_old, k_BKTD[:, h]], dim=1)[:, None]  # (B, 1, n + T, D)
+        vv = torch.cat([v_old, v_BKTD[:, h]], dim=1)[:, None]
+        ns = int(torch.searchsorted(kp, s))  # keys in the sink
+        head = []
+        for a in range(0, T, rows):
+            c = min(rows, T - a)
+            hi = len(pos) + a + c  # keys up to the block's last query (new key t sits at len(pos) + t)
+            sk = min(ns, hi)  # sink keys this block can reach (all of them, unless it is still inside the sink)
+            lo = max(sk, int(torch.searchsorted(kp, L + a - w + 1)))  # the block's first query's window start
+            idx = torch.cat([torch.arange(sk, device=dev), torch.arange(lo, hi, device=dev)])
+            qp, p = torch.arange(L + a, L + a + c, device=dev)[:, None], kp[idx][None, :]
+            mask = (p <= qp) & ((p < s) | (qp - p < w))  # (c, sk + hi - lo)
+            head.append(_sdpa(q_BHTD[:, h * G : (h + 1) * G, a : a + c], kk[:, :, idx], vv[:, :, idx], mask))
+        outs.append(torch.cat(head, dim=2))  # (B, G, T, D)
+    return torch.cat(outs, dim=1)
+
+
 @register("ragged_chunk_attention", "sdpa")
 def ragged_chunk_attention_sdpa(q_BHTD, k_BKTD, v_BKTD, kept, sink, span, L: int) -> torch.Tensor:
     """q (B, H, T, D) at positions L..L+T-1; k, v (B, Hkv, T, D) the new keys; kept: per KV head
     (positions (n,), k (B, n, D), v (B, n, D)) read from the cache; sink, span: ints per KV head.
     -> (B, H, T, D)."""
-    return _chunk(_sdpa, q_BHTD, k_BKTD, v_BKTD, kept, sink, span, L)
+    return _chunk_rows(q_BHTD, k_BKTD, v_BKTD, kept, sink, span, L)
 
 
 @register("ragged_chunk_attention", "reference")

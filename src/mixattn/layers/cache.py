@@ -201,7 +201,8 @@ class RaggedKVCache:
             if self.caps[h] >= self.ref_len:
                 pos = torch.arange(L, device=dev)
             else:
-                pos = torch.cat([torch.arange(min(s, L), device=dev), torch.arange(max(s, L - w + 1), L, device=dev)])
+                # the window part starts past the sink (or at L, empty, while the prompt is still inside it)
+                pos = torch.cat([torch.arange(min(s, L), device=dev), torch.arange(max(min(s, L), L - w + 1), L, device=dev)])
             slots = self.offsets[h] + self._local(h, pos)
             out.append((pos, self.k[:, slots], self.v[:, slots]))
         return out
