@@ -13,6 +13,10 @@ A first process runs the plan once at both lengths, so ``auto``'s kernel choice 
 on disk before the measured processes start, as on a machine where mixattn has run before: a
 measured process compiles flex only where flex is the cached winner (and then its RSS shows it).
 
+``--repeats R`` runs the case list R times, interleaved (a fresh process each time), and reports
+each case's median peak with the spread of its runs: RSS differs between identical processes by
+tens of MiB, about the size of the 10% window the check needs.
+
 Cases: dense and a uniform density-0.5 plan, each in one pass and with ``prefill_chunk``; and
 dense with every position's logits (the old prefill: ``logits_to_keep=0``), to show what keeping
 only the last position saves.
@@ -24,6 +28,7 @@ import argparse
 import gc
 import json
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -96,13 +101,14 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--impl", default="auto", help="sparse_attention kernel for the plans")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every case, interleaved; medians reported")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.case:
         print(json.dumps(child(a)))
         return
-    res = {}
-    for case in ["calibrate uniform 0.5", *CASES]:
+    runs: dict[str, list[dict]] = {}
+    for case in ["calibrate uniform 0.5", *CASES * a.repeats]:
         cmd = [sys.executable, __file__, "--case", case, "--length", str(a.length), "--new", str(a.new),
                "--chunk", str(a.chunk), "--dtype", a.dtype, "--impl", a.impl]  # fmt: skip
         if a.threads:
@@ -110,21 +116,24 @@ def main():
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{case} failed:\n{out.stderr[-3000:]}")
-        res[case] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{case}: {res[case]}", file=sys.stderr, flush=True)
-    del res["calibrate uniform 0.5"]
+        runs.setdefault(case, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{case}: {runs[case][-1]}", file=sys.stderr, flush=True)
+    del runs["calibrate uniform 0.5"]
+    res = {c: {k: statistics.median(r[k] for r in rs) for k in ("peak", "growth", "kv")} for c, rs in runs.items()}
     print(f"## Peak RSS, generate {a.new} tokens after {a.length}, one process per case\n")
-    print(f"CPU: {cpu_model()}; {stamp(torch.float32 if a.dtype == 'float32' else a.dtype)}; chunk {a.chunk}\n")
+    print(f"CPU: {cpu_model()}; {stamp(torch.float32 if a.dtype == 'float32' else a.dtype)}; chunk {a.chunk}; "
+          f"median of {a.repeats} process(es) per case\n")
     mib = 2**20
     rows = []
     for case, r in res.items():
         base = res["dense, chunked" if "chunked" in case else "dense"]
         saving, kv_saving = base["peak"] - r["peak"], base["kv"] - r["kv"]
         ratio = f"{saving / kv_saving:.2f}" if kv_saving > 0 and "logits" not in case else ""
-        rows.append([case, f"{r['peak'] / mib:.0f}", f"{r['growth'] / mib:.0f}", f"{r['kv'] / mib:.1f}",
+        spread = "–".join(f"{x / mib:.0f}" for x in (min(p["peak"] for p in runs[case]), max(p["peak"] for p in runs[case])))
+        rows.append([case, f"{r['peak'] / mib:.0f}", spread, f"{r['growth'] / mib:.0f}", f"{r['kv'] / mib:.1f}",
                      f"{saving / mib:.0f}" if case != "dense" else "", f"{kv_saving / mib:.1f}" if kv_saving else "",
                      ratio])  # fmt: skip
-    print(table(rows, ["case", "peak RSS MiB", "peak - start MiB", "KV MiB", "RSS saving vs dense MiB",
+    print(table(rows, ["case", "peak RSS MiB", "runs MiB", "peak - start MiB", "KV MiB", "RSS saving vs dense MiB",
                        "KV saving MiB", "RSS saving / KV saving"]))  # fmt: skip
 
 
