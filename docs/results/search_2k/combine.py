@@ -40,8 +40,11 @@ def main(out, names, pairs, files):
             for N, v in d.items():
                 assert abs(seen.setdefault(int(N), v) - v) < 1e-12, f"{f}: {m} density @{N} differs"
         res["retrieval"] += [dict(x, method=names.get(x["method"], x["method"])) for x in r["retrieval"]]
+        for m, by_len in r.get("ppl", {}).items():  # perplexity windows, relabelled (dense kept once)
+            res["ppl"].setdefault(names.get(m, m), {}).update(by_len)
     order = list(dict.fromkeys(names.get(m, m) for m in ["dense", *names]))
     res["density"] = {m: res["density"][m] for m in order if m in res["density"]}
+    res["ppl"] = {m: res["ppl"][m] for m in order if m in res["ppl"]}
     res["retrieval"].sort(key=lambda x: (order.index(x["method"]), x["task"] != "passkey", *key(x)[1:]))
     print(write(res, Path(out), pairs=[tuple(p) for p in pairs]))
 
