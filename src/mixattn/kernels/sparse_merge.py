@@ -35,7 +35,7 @@ from .sparse import _per_sample
 from .sparse_sdpa import _by_rule, _causal_head, masked_blocks
 from .sparse_sdpa import _group as _masked_group
 
-MIN_BLOCK = 16  # below this the pieces are too small for the flash kernel to pay off
+MIN_BLOCK = 16  # the smallest query block cut into pieces; shorter windows take the masked kernel
 
 
 def merge_rows(span: int) -> int:
@@ -74,6 +74,7 @@ def _pieces(q, k, v, sink: int, span: int, P: int, n: int, C: int):
     qb = _blocks(q, P, n, C).reshape(B, Hg, G, n, C, D)  # rows of block b: queries P + b*C ...
     # rectangle: sink + middle keys, seen by every row; the G query heads folded into the rows
     R = span - C - 1  # >= 1: merge_rows keeps C <= span - 2 (an empty rectangle would have no log-sum-exp)
+    # block 0's middle starts at P - span + 1 + C = sink + 1 + C (P = sink + span whenever n > 0)
     mid = lambda x: _blocks(x, sink + 1 + C, n, C, R)  # noqa: E731  (B, Hg, n, R, D)
     sk = lambda x: x[:, :, None, :sink].expand(B, Hg, n, sink, D)  # noqa: E731
     kr, vr = (torch.cat([sk(x), mid(x)], dim=3).reshape(B * Hg, n, sink + R, D) for x in (k, v))
