@@ -5,8 +5,8 @@
   and causal pieces joined by log-sum-exp, CPU only) or compiled ``flex``, whichever this machine
   runs faster for this shape, timed once per shape bucket (``autotune.choose``). The ranking differs
   by CPU and by span: flex wins on some x86 CPUs and loses on others, ``merge`` beats ``sdpa`` on
-  long windows (no per-pair mask) and loses on short ones. Sequences shorter than one flex block do
-  not try ``flex``.
+  long windows (no per-pair mask) and loses on short ones. Sequences shorter than one flex block
+  take ``sdpa`` without timing (there is no block to skip).
 
 Legend: B batch, H query heads, Hkv KV heads, T tokens, D head dim.
 """
@@ -32,7 +32,8 @@ def choose(q, k, v, sink, span, left_pad=None) -> str:
     if q.requires_grad and torch.is_grad_enabled():
         return "blocked"
     T = q.shape[2]
-    names = ["sdpa"] + (["merge"] if q.device.type == "cpu" else []) + (["flex"] if T >= FLEX_MIN_LEN else [])
+    long_ = T >= FLEX_MIN_LEN  # shorter: one block, nothing for merge or flex to skip; sdpa alone, untimed
+    names = ["sdpa"] + (["merge"] if long_ and q.device.type == "cpu" else []) + (["flex"] if long_ else [])
     cands = {n: partial(get("sparse_attention", n), q, k, v, sink, span, left_pad) for n in names}
     bucket = (q.shape[0], q.shape[1], k.shape[1], q.shape[3], 1 << (T - 1).bit_length(),
               round(kept_fraction(T, sink, span), 1), len(set(zip(sink.tolist(), span.tolist()))))  # fmt: skip
