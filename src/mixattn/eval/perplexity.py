@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .stats import t_interval
+
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, context: int = 2048) -> float:
@@ -42,8 +44,6 @@ def window_nlls(model, ids: torch.Tensor, length: int, windows: int) -> dict:
         raise ValueError(f"window_nlls needs length >= 2 and windows >= 1, got {length}, {windows}")
     if ids.dim() != 1 or ids.numel() < length * windows + 1:
         raise ValueError(f"need {length * windows + 1} tokens for {windows} windows of {length}, got {ids.numel()}")
-    from scipy.stats import t as student_t
-
     was_training = model.training
     model.eval()
     nlls = []
@@ -52,12 +52,7 @@ def window_nlls(model, ids: torch.Tensor, length: int, windows: int) -> dict:
         logits = model(win[None, :-1], ref_len=length).logits[0].float()
         nlls.append(float(F.cross_entropy(logits, win[1:])))
     model.train(was_training)
-    mean = sum(nlls) / windows
-    if windows > 1:
-        sd = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (windows - 1))
-        half = float(student_t.ppf(0.975, windows - 1)) * sd / math.sqrt(windows)
-    else:
-        half = float("nan")
+    mean, half = t_interval(nlls)
     return {"length": length, "windows": windows, "nll": nlls, "ppl": math.exp(mean),
             "ppl_lo": math.exp(mean - half), "ppl_hi": math.exp(mean + half)}  # fmt: skip
 

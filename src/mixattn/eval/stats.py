@@ -83,18 +83,23 @@ def paired_ratio(nll_a, nll_b) -> dict:
     through exp: ratio = exp(mean d), lo/hi = exp(mean d -/+ t(0.975, W-1) sd(d) / sqrt(W)).
     Returns {"windows", "ratio", "lo", "hi", "a_higher"}; lo = hi = nan for one window.
     """
-    from scipy.stats import t as student_t
-
     if len(nll_a) != len(nll_b) or not nll_a:
         raise ValueError(f"paired ratio needs equal, non-empty window lists, got {len(nll_a)} and {len(nll_b)}")
     d = [float(x) - float(y) for x, y in zip(nll_a, nll_b)]
-    W, mean = len(d), sum(d) / len(d)
-    half = float("nan")
-    if W > 1:
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (W - 1))
-        half = float(student_t.ppf(0.975, W - 1)) * sd / math.sqrt(W)
-    return {"windows": W, "ratio": math.exp(mean), "lo": math.exp(mean - half), "hi": math.exp(mean + half),
+    mean, half = t_interval(d)
+    return {"windows": len(d), "ratio": math.exp(mean), "lo": math.exp(mean - half), "hi": math.exp(mean + half),
             "a_higher": sum(x > 0 for x in d)}  # fmt: skip
+
+
+def t_interval(xs) -> tuple[float, float]:
+    """(mean, half-width of its 95% Student-t interval) of ``xs``; the half-width is nan for one value."""
+    from scipy.stats import t as student_t
+
+    n, mean = len(xs), sum(xs) / len(xs)
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return mean, float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
 def fmt_cell(cell: dict) -> str:
