@@ -2,13 +2,16 @@
 selection of the candidate by generation hits."""
 
 
+import math
+
 import torch
 
 from mixattn.compress import optimize as optimize_mod
 from mixattn.compress import profile as profiling
 from mixattn.compress.calibration import CalibSample
-from mixattn.compress.optimize import optimize, select_by_validation
+from mixattn.compress.optimize import optimize
 from mixattn.compress.plan import DENSE, HeadRule, Plan
+from mixattn.compress.select import choose, ppl_ratios, select_by_validation
 from mixattn.models import PRESETS, MixtureLM
 
 
@@ -80,10 +83,11 @@ def test_validation_prefers_retrieval_hits_over_answer_loss(monkeypatch):
     monkeypatch.setattr("mixattn.compress.apply.apply_plan", lambda m, p: applied.append(p))
     monkeypatch.setattr("mixattn.compress.apply.remove_plan", lambda m: None)
     monkeypatch.setattr("mixattn.compress.calibration.retrieves", lambda m, tok, s: applied[-1] is sparse)
-    chosen, losses, hits = select_by_validation(model, [dense, sparse], val, tok=object())
-    assert chosen is sparse and hits == [0, 1]
-    chosen, losses, hits = select_by_validation(model, [dense, sparse], val)  # no tokenizer: loss only
-    assert hits == [0, 0] and chosen is [dense, sparse][min(range(2), key=losses.__getitem__)]
+    chosen, scores = select_by_validation(model, [dense, sparse], val, tok=object())
+    assert chosen is sparse and scores["hits"] == [0, 1] and scores["ppl"] is None
+    chosen, scores = select_by_validation(model, [dense, sparse], val)  # no tokenizer: loss only
+    losses = scores["losses"]
+    assert scores["hits"] == [0, 0] and chosen is [dense, sparse][min(range(2), key=losses.__getitem__)]
 
 
 def test_loss_matrix_copy_term_is_scaled_per_length():
@@ -94,3 +98,44 @@ def test_loss_matrix_copy_term_is_scaled_per_length():
     assert (base == 0).all()  # no influence at all
     # head 0's window drops its whole copy mass (mean head total is 1, so that mass scales to 1) x weight 2
     assert both[0, 1] == 2.0 and both[1, 1] == 0.0 and (both[:, 0] == 0).all()
+
+
+def test_choose_rules_out_candidates_over_the_perplexity_tolerance():
+    losses, hits = [0.5, 0.9, 0.7], [3, 2, 2]
+    assert choose(losses, hits) == 0  # most hits
+    assert choose(losses, hits, [1.20, 1.04, 1.01]) == 2  # 0 is ruled out; 1 and 2 tie on hits, 2 has less loss
+    assert choose(losses, hits, [1.20, 1.04, 1.01], ppl_tolerance=0.25) == 0
+    assert choose(losses, hits, [1.30, 1.20, 1.10]) == 2  # none admissible: the lowest perplexity ratio
+
+
+def test_ppl_ratios_are_paired_with_dense_on_the_same_windows():
+    torch.manual_seed(0)
+    model = MixtureLM(PRESETS["tiny"].evolve(max_seq_len=512)).float().eval()
+    L, H = model.cfg.num_layers, model.cfg.num_kv_heads
+    stream = torch.randint(0, 256, (2 * 256 + 1,), generator=torch.Generator().manual_seed(3))
+    dense, narrow = Plan.dense(L, H), Plan.uniform(L, H, 0.1, 256, 4)
+    got = ppl_ratios(model, [dense, narrow], stream, 256, 2)
+    assert got[0]["ratio"] == 1.0 and got[0]["windows"] == 2  # the dense plan is dense: identical NLLs
+    from mixattn.compress.apply import apply_plan, remove_plan
+    from mixattn.eval.perplexity import window_nlls
+
+    apply_plan(model, narrow)
+    want = window_nlls(model, stream, 256, 2)["nll"]
+    remove_plan(model)
+    base = window_nlls(model, stream, 256, 2)["nll"]
+    assert abs(got[1]["ratio"] - math.exp(sum(want) / 2 - sum(base) / 2)) < 1e-9 and got[1]["ratio"] != 1.0
+
+
+def test_full_elastic_candidate_keeps_its_density_at_lengths_past_the_profile():
+    from mixattn.compress.pipeline import candidates
+
+    N = 256
+    prof = _profile(0, N)
+    prof.influence[N] = torch.rand(prof.influence[N].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plans = candidates(prof, 0.6, (N, 4 * N), None, "m")
+    elastic = plans["full+elastic"]
+    assert all(r == DENSE or (r.alpha == 0 and r.beta > 0) for layer in elastic.layers for r in layer)
+    for label, plan in plans.items():
+        assert max(plan.density([n]) for n in (N, 4 * N)) <= 0.6 + 1e-9, label
+    # elastic rules hold their share of N: the density falls only by the sink's share
+    assert elastic.density([4 * N]) >= elastic.density([N]) - 64 / N

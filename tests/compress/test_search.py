@@ -114,13 +114,16 @@ def test_compress_cli_end_to_end_and_eval_outputs(tmp_path, monkeypatch, capsys)
     plan_path = tmp_path / "plan.json"
     assert main(["compress", str(src), "--density", "0.5", "--lengths", "640,768", "--samples", "2",
                  "--validate-length", "1024", "--validate-samples", "1", "--save-candidates",
-                 "--out", str(plan_path)]) == 0  # fmt: skip
+                 "--ppl-length", "1024", "--ppl-windows", "2", "--out", str(plan_path)]) == 0  # fmt: skip
     plan = Plan.load(plan_path)
     saved = {p.name.split(".", 1)[1].removesuffix(".json"): Plan.load(p) for p in tmp_path.glob("plan.*.json")}
     assert set(saved) == set(plan.meta["validation"]["losses"]) and saved[plan.meta["candidate"]] == plan
     plan.validate(mixattn.load(src).cfg)
     assert all(plan.density([N]) <= 0.5 + 1e-9 for N in (640, 768, 1024))
-    assert set(plan.meta["validation"]["losses"]) >= {"milp", "milp-2-rules"}
+    v = plan.meta["validation"]
+    assert set(v["losses"]) >= {"milp", "milp-2-rules"} and set(v["ppl"]) == set(v["losses"])
+    assert v["ppl"][plan.meta["candidate"]] <= 1.05 or min(v["ppl"].values()) == v["ppl"][plan.meta["candidate"]]
+    assert "ppl" in capsys.readouterr().out
     assert plan_path.with_suffix(".png").is_file()
     out = tmp_path / "eval"
     assert main(["eval", str(src), "--plan", str(plan_path), "--baseline", "uniform:0.5", "--baseline", "uniform:match",
@@ -178,7 +181,9 @@ def test_interrupted_profile_resumes_to_the_same_result(tmp_path):
     ({"density": 0.0}, "density must be in"), ({"density": 1.5}, "density must be in"),
     ({"lengths": (0, 1024)}, "lengths must be positive"), ({"lengths": ()}, "lengths must be positive"),
     ({"max_rules_per_layer": 0}, "max_rules_per_layer must be"), ({"samples": 0}, "samples must be"),
-    ({"validate_length": -5}, "validate_length must be"),
+    ({"validate_length": -5}, "validate_length must be"), ({"validate_length": 2048, "ppl_length": 1}, "ppl_length must"),
+    ({"ppl_length": 2048}, "needs validate_length"),
+    ({"validate_length": 2048, "ppl_length": 2048, "ppl_tolerance": -0.1}, "ppl_tolerance >= 0"),
 ])  # fmt: skip
 def test_compress_validates_arguments_before_loading_anything(tmp_path, kw, msg):
     from mixattn.compress.pipeline import compress

@@ -28,14 +28,17 @@ def cmd_compress(a) -> int:
     plan = compress(a.model, a.density, _ints(a.lengths), out=a.out, samples=a.samples,
                     max_rules_per_layer=a.max_rules_per_layer, resume=a.resume,
                     validate_length=a.validate_length, validate_samples=a.validate_samples,
-                    save_candidates=a.save_candidates)  # fmt: skip
+                    save_candidates=a.save_candidates, ppl_length=a.ppl_length, ppl_windows=a.ppl_windows,
+                    ppl_tolerance=a.ppl_tolerance)  # fmt: skip
     print(plan.summary(tuple(plan.meta.get("budget_lengths", plan.profile_lengths))))
     if "validation" in plan.meta:
         v = plan.meta["validation"]
-        hits = v.get("hits", {})
+        hits, ppl = v.get("hits", {}), v.get("ppl", {})
+        guard = f" (perplexity at {v['ppl_length']} within {1 + v['ppl_tolerance']:.2f}x dense)" if ppl else ""
         print(f"chosen at {v['length']} tokens by retrieval hits on the {v.get('own_answers', 0)} of {v['samples']} "
-              "held-out prompts the dense model answers, then answer loss: "
-              + ", ".join(f"{k} {hits.get(k, 0)} hits / loss {x:.4f}" for k, x in v["losses"].items())
+              f"held-out prompts the dense model answers, then answer loss{guard}: "
+              + ", ".join(f"{k} {hits.get(k, 0)} hits / loss {x:.4f}" + (f" / ppl {ppl[k]:.3f}x" if k in ppl else "")
+                          for k, x in v["losses"].items())
               + f" -> {plan.meta['candidate']}")  # fmt: skip
     print(f"plan: {a.out} (heatmap {Path(a.out).with_suffix('.png')})")
     return 0

@@ -124,33 +124,3 @@ def optimize(profile, density: float, rules=None, max_rules_per_layer: int | Non
 def pareto(profile, densities, **kw) -> list[Plan]:
     """epsilon-constraint sweep: one optimal plan per density budget."""
     return [optimize(profile, d, **kw) for d in densities]
-
-
-@torch.no_grad()
-def select_by_validation(model, plans, samples, tok=None) -> tuple[Plan, list[float], list[int]]:
-    """Apply each plan to held-out ``samples`` (typically longer than any profile length) and return
-    the best plan, every plan's answer-token loss and every plan's retrieval hits.
-
-    With ``tok`` and samples that carry their task prompt (``source``), the primary criterion is
-    retrieval: greedy generation (RULER scoring) on the samples the dense model answered right
-    itself (``own``), the ones there is something to keep. Ties, and runs without ``tok``, go to
-    the lower mean answer loss."""
-    from .apply import apply_plan, remove_plan
-    from .calibration import retrieves
-
-    keep = [s for s in samples if tok is not None and s.own and s.source is not None]
-    losses, hits = [], []
-    for plan in plans:
-        apply_plan(model, plan)
-        try:
-            total = 0.0
-            for s in samples:  # each sample at its own length: the plan's reference length is the input's
-                logits = model(s.ids[None]).logits[0, :-1]
-                m = s.answer_mask[:-1]
-                total += float(torch.nn.functional.cross_entropy(logits[m].float(), s.ids[1:][m]))
-            losses.append(total / len(samples))
-            hits.append(sum(retrieves(model, tok, s.source) for s in keep))
-        finally:
-            remove_plan(model)
-    best = min(range(len(plans)), key=lambda i: (-hits[i], losses[i]))
-    return plans[best], losses, hits

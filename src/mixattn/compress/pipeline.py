@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from ..paths import cache_dir, content_digest, load_torch, locked, save_torch
-from . import calibration, optimize
+from . import calibration, optimize, select
 from . import profile as profiling
 from .plan import DENSE, HeadRule, Plan
 
@@ -70,7 +70,8 @@ def load_model(source):
     return load_pretrained(source), load_tokenizer(source)
 
 
-def check_args(density, lengths, samples, max_rules_per_layer, validate_length, max_seq_len=None) -> None:
+def check_args(density, lengths, samples, max_rules_per_layer, validate_length, max_seq_len=None,
+               ppl_length=None) -> None:
     """Every argument of ``compress``; raised before anything is loaded or computed."""
     if not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
@@ -82,10 +83,12 @@ def check_args(density, lengths, samples, max_rules_per_layer, validate_length, 
         raise ValueError(f"max_rules_per_layer must be an integer >= 1, got {max_rules_per_layer!r}")
     if validate_length is not None and (not isinstance(validate_length, int) or validate_length <= 0):
         raise ValueError(f"validate_length must be a positive integer, got {validate_length!r}")
-    longest = max([*lengths, validate_length or 0])
+    if ppl_length is not None and (not isinstance(ppl_length, int) or isinstance(ppl_length, bool) or ppl_length < 2):
+        raise ValueError(f"ppl_length must be an integer >= 2, got {ppl_length!r}")
+    longest = max([*lengths, validate_length or 0, ppl_length or 0])
     if max_seq_len is not None and longest > max_seq_len:
         raise ValueError(f"length {longest} exceeds the model's max_seq_len {max_seq_len}")
-    budget_lengths = sorted({*lengths, *((validate_length,) if validate_length else ())})
+    budget_lengths = sorted({*lengths, *(n for n in (validate_length, ppl_length) if n)})
     floor = min(max(r.density(N) for N in budget_lengths) for r in optimize.candidate_rules(budget_lengths))
     if density < floor - 1e-12:
         raise ValueError(f"density {density} cannot be met: the sparsest candidate rule keeps {floor:.3f} "
@@ -94,6 +97,7 @@ def check_args(density, lengths, samples, max_rules_per_layer, validate_length, 
 
 STREAMING_WINDOWS = (64, 128, 256, 448)  # sink 64 + these: the short-window heads of "full+window"
 STREAMING_BETAS = (0.1, 0.2, 0.3)  # ... or sink 64 + an elastic window beta N, so the budget holds at every length
+ELASTIC_BETAS = (0.05, 0.1, 0.2, 0.3, 0.5)  # the windows of "full+elastic": a share of N only, never fixed
 
 
 def candidates(prof, density: float, budget_lengths, max_rules_per_layer, name: str) -> dict[str, Plan]:
@@ -104,7 +108,10 @@ def candidates(prof, density: float, budget_lengths, max_rules_per_layer, name: 
     - ``milp+copy``: the whole grid, objective = influence + the retrieval (copy) attention dropped;
     - ``full+window``: every head either full or sink 64 + a short fixed or elastic window, chosen by
       influence + copy attention: "retrieval heads full, the rest streaming" (DuoAttention's shape,
-      heads ranked by what the profile says they retrieve), with the budget met at every length.
+      heads ranked by what the profile says they retrieve), with the budget met at every length;
+    - ``full+elastic``: the same with elastic windows only (sink 64 + beta N): every head still sees a
+      fixed share of the context at lengths far past the profile, where fixed short windows starve
+      next-token prediction, and the plan's density stays at the budget instead of drifting down.
     """
     out = {}
     kw = {"model_name": name, "budget_lengths": budget_lengths}
@@ -115,10 +122,12 @@ def candidates(prof, density: float, budget_lengths, max_rules_per_layer, name: 
         out["milp+copy"] = optimize.optimize(prof, density, max_rules_per_layer=max_rules_per_layer, copy_weight=1.0, **kw)
         streaming = [HeadRule(64, float(w), 0.0) for w in STREAMING_WINDOWS]
         streaming += [HeadRule(64, 0.0, b) for b in STREAMING_BETAS]
-        try:
-            out["full+window"] = optimize.optimize(prof, density, rules=[DENSE, *streaming], copy_weight=1.0, **kw)
-        except ValueError:  # even the shortest window is above the budget at a short length
-            pass
+        elastic = [HeadRule(64, 0.0, b) for b in ELASTIC_BETAS]
+        for label, rules in (("full+window", streaming), ("full+elastic", elastic)):
+            try:
+                out[label] = optimize.optimize(prof, density, rules=[DENSE, *rules], copy_weight=1.0, **kw)
+            except ValueError:  # even the sparsest rule is above the budget at a short length
+                pass
     for label, plan in out.items():
         plan.meta["candidate"] = label
     return out
@@ -127,9 +136,13 @@ def candidates(prof, density: float, budget_lengths, max_rules_per_layer, name: 
 def compress(source, density: float, lengths=(1024, 2048), out=None, samples: int = 16, corpora=CORPORA,
              max_rules_per_layer: int | None = None, resume: bool = True, seed: int = 0, work_dir=None,
              validate_length: int | None = None, validate_samples: int = 4, progress: bool = True, model=None,
-             tok=None, save_candidates: bool = False) -> Plan:  # fmt: skip
+             tok=None, save_candidates: bool = False, ppl_length: int | None = None, ppl_windows: int = 2,
+             ppl_tolerance: float = 0.05) -> Plan:  # fmt: skip
     """Find a plan with mean KV density <= ``density`` at every length in ``lengths`` (and at
-    ``validate_length``), choosing among candidate plans by answer loss at ``validate_length``.
+    ``validate_length`` and ``ppl_length``), choosing among candidate plans by retrieval hits and
+    answer loss at ``validate_length`` (``select.select_by_validation``), among those whose perplexity
+    at ``ppl_length`` (``ppl_windows`` windows of Shakespeare's training split, held out from
+    evaluation) is within ``1 + ppl_tolerance`` of dense.
 
     Stages cached in ``work_dir`` (default: under the user cache, keyed by the model's content):
     calibration.pt (``samples`` per length), profile.pt (saved after every sample: resumable),
@@ -140,9 +153,14 @@ def compress(source, density: float, lengths=(1024, 2048), out=None, samples: in
     if out is not None and (Path(out).is_dir() or Path(out).with_suffix(".png").is_dir()):
         raise ValueError(f"out {out} (or its heatmap {Path(out).with_suffix('.png')}) is a folder; a plan file path is expected")
     check_args(density, lengths, samples, max_rules_per_layer, validate_length,
-               model.cfg.max_seq_len if model is not None else None)  # fmt: skip
+               model.cfg.max_seq_len if model is not None else None, ppl_length)  # fmt: skip
+    if ppl_length and not validate_length:
+        raise ValueError("ppl_length needs validate_length: the perplexity guard is part of plan selection")
+    if ppl_length and (ppl_windows < 1 or not ppl_tolerance >= 0):
+        raise ValueError(f"ppl_windows must be >= 1 and ppl_tolerance >= 0, got {ppl_windows}, {ppl_tolerance}")
     if model is None:
-        check_args(density, lengths, samples, max_rules_per_layer, validate_length, peek_max_seq_len(source))
+        check_args(density, lengths, samples, max_rules_per_layer, validate_length, peek_max_seq_len(source),
+                   ppl_length)  # fmt: skip
         model, tok = load_model(source)
     work = Path(work_dir) if work_dir else work_dir_for(source, lengths, samples, seed, corpora)
     with locked(work, wait=True):  # a second compress of the same model waits, then reuses the cache
@@ -150,16 +168,23 @@ def compress(source, density: float, lengths=(1024, 2048), out=None, samples: in
             model, tok, list(corpora), lengths, samples, seed, progress=progress))  # fmt: skip
         prof = profiling.run(model, samples_, lengths, work / "profile.pt", resume=resume, progress=progress)
     name = str(source)
-    budget_lengths = tuple(sorted({*lengths, *((validate_length,) if validate_length else ())}))
+    budget_lengths = tuple(sorted({*lengths, *(n for n in (validate_length, ppl_length) if n)}))
     plans = candidates(prof, density, budget_lengths, max_rules_per_layer, name)
     plan = plans["milp"]
     if validate_length:
         val = _cached(work / f"validation_{validate_length}_{validate_samples}.pt", resume, lambda: calibration.build(
             model, tok, list(corpora), (validate_length,), validate_samples, seed + 7919, progress=progress))  # fmt: skip
-        plan, losses, hits = optimize.select_by_validation(model, list(plans.values()), val, tok)
-        plan.meta["validation"] = {"length": validate_length, "samples": len(val),
-                                   "own_answers": sum(s.own for s in val), "losses": dict(zip(plans, losses)),
-                                   "hits": dict(zip(plans, hits))}  # fmt: skip
+        stream = None
+        if ppl_length:
+            from ..data import corpus_tokens
+
+            stream = corpus_tokens("shakespeare", tok, ppl_length * ppl_windows + 1, split="train")
+        plan, scores = select.select_by_validation(model, list(plans.values()), val, tok, stream, ppl_length or 0,
+                                                   ppl_windows, ppl_tolerance, progress)  # fmt: skip
+        plan.meta["validation"] = {"length": validate_length, "samples": len(val), "own_answers": sum(s.own for s in val),
+                                   **{k: dict(zip(plans, v)) for k, v in scores.items() if v is not None}}  # fmt: skip
+        if ppl_length:
+            plan.meta["validation"].update(ppl_length=ppl_length, ppl_windows=ppl_windows, ppl_tolerance=ppl_tolerance)
     plan.meta.update(samples=len(samples_), lengths=list(lengths), budget_lengths=list(budget_lengths),
                      calibration=calibration.summary(samples_))  # fmt: skip
     if out is not None:
