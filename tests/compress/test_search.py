@@ -290,3 +290,21 @@ def test_eval_dtype_bfloat16_halves_the_kv_bytes_and_keeps_perplexity(tmp_path):
     # bf16 keeps 8 mantissa bits: logits of a few-layer model move by about 2^-8 relative, so the
     # perplexity (exp of a mean of log-probs) moves by a few percent at most, and it does move
     assert p16 != p32 and abs(p16 / p32 - 1) < 0.05
+
+
+def test_eval_no_dense_scores_the_same_prompts_as_a_run_with_dense(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXATTN_CACHE", str(tmp_path / "cache"))
+    src = _saved_tiny(tmp_path)
+    cfg = mixattn.load(src).cfg
+    plan_path = tmp_path / "u.json"
+    Plan.uniform(cfg.num_layers, cfg.num_kv_heads, 0.5, 512, 4).save(plan_path)
+    args = ["eval", str(src), "--plan", str(plan_path), "--baseline", "uniform:match", "--tasks", "passkey,ppl,speed",
+            "--lengths", "512", "--depths", "0.5"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "with")]) == 0
+    assert main([*args, "--no-dense", "--out", str(tmp_path / "without")]) == 0
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("with", "without"))
+    assert {r["method"] for r in b["retrieval"]} == {"u", "uniform @u"} and "dense" not in b["density"]
+    strip = lambda r: [{k: x[k] for k in ("method", "task", "depth", "seed", "generated")} for x in r if x["method"] != "dense"]  # noqa: E731
+    assert strip(a["retrieval"]) == strip(b["retrieval"])
+    assert a["ppl"]["u"] == b["ppl"]["u"]
+    assert main(["eval", str(src), "--no-dense", "--out", str(tmp_path / "none")]) == 2

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, help="prompts per (task, length, depth) (default 1; --full: 4)")
     p.add_argument("--ppl-windows", type=positive_int, help="perplexity windows per length (default 2; --full: 8)")
     p.add_argument("--full", action="store_true", help="the big grid: 5 tasks x 1k-8k x 5 depths x 4 = 20 per cell")
+    p.add_argument("--no-dense", action="store_true",
+                   help="skip the dense reference (prompts are seeded: merge with an earlier run's dense rows)")
     p.add_argument("--out", required=True)
 
     p = add("plan", "show a plan (summary + heatmap), build a baseline plan, or import / export MoA and "

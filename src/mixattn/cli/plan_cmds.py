@@ -57,7 +57,9 @@ def cmd_eval(a) -> int:
     samples = a.samples or (full["per_depth"] if a.full else 1)
     task_names = a.tasks.split(",") if a.tasks else [*full["tasks"], "ppl", "speed"] if a.full else ["passkey", "ppl", "speed"]
     ppl_windows = a.ppl_windows or (full["ppl_windows"] if a.full else 2)
-    plans = {"dense": None}
+    if a.no_dense and not (a.plan or a.baseline):
+        raise ValueError("--no-dense leaves nothing to evaluate: give a --plan or a --baseline")
+    plans = {} if a.no_dense else {"dense": None}
     for p in a.plan:
         plans[Path(p).stem] = Plan.load(p)
     specs = []
@@ -82,16 +84,17 @@ def cmd_eval(a) -> int:
                 raise ValueError(f"--plan {name}: {e}") from None
     scores = mass_scores(model, tok) if any(kind == "duo" for kind, _ in specs) else None  # once, not per length
     given = [Path(p).stem for p in a.plan]
-    pairs = [(name, "dense") for name in given]  # every plan against dense, and against its own baselines
+    ref = [] if a.no_dense else ["dense"]
+    pairs = [(name, r) for name in given for r in ref]  # every plan against dense, and against its own baselines
     for kind, d in specs:
         if d == "match":  # one baseline per plan, at that plan's measured density at every eval length
             for name in given:
                 plans[f"{kind} @{name}"] = matched(a.model, kind, plans[name], lengths, model=model, tok=tok, scores=scores)
-                pairs += [(name, f"{kind} @{name}"), (f"{kind} @{name}", "dense")]
+                pairs += [(name, f"{kind} @{name}"), *((f"{kind} @{name}", r) for r in ref)]
         else:  # elastic (uniform) or fitted at each length (duo): this density at every eval length
             plans[f"{kind} {d}"] = {N: baseline(a.model, kind, float(d), N + 16, model=model, tok=tok, scores=scores)
                                     for N in lengths}  # fmt: skip
-            pairs += [(name, f"{kind} {d}") for name in given] + [(f"{kind} {d}", "dense")]
+            pairs += [(name, f"{kind} {d}") for name in given] + [(f"{kind} {d}", r) for r in ref]
     with locked(a.out):  # one writer per results folder
         res = evaluate(model, tok, plans, task_names, lengths, depths, samples, ppl_windows=ppl_windows,
                        speed_context=max(lengths))  # fmt: skip
