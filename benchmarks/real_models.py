@@ -30,7 +30,7 @@ from common import stamp, table  # noqa: E402
 import mixattn  # noqa: E402
 from mixattn.convert import branch, dense_to_moh, gqa_to_moa, upcycle_bam  # noqa: E402
 from mixattn.data import corpus_tokens  # noqa: E402
-from mixattn.eval.perplexity import perplexity  # noqa: E402
+from mixattn.metrics.perplexity import perplexity  # noqa: E402
 from mixattn.models.hf import embedded_gguf  # noqa: E402
 from mixattn.train.data import load_corpus  # noqa: E402
 from mixattn.train.loop import TrainConfig, train  # noqa: E402

@@ -44,7 +44,7 @@ GROUPS = {  # run in this order; the kernels last (their flex mutants compile, t
     "optimize": ["compress/optimize.py"],
     "calibration-profile": ["compress/calibration.py", "compress/profile.py"],
     "resume": ["models/checkpoint.py", "train/loop.py"],
-    "eval": ["data/tasks.py", "eval/retrieval.py", "eval/perplexity.py"],
+    "eval": ["data/tasks.py", "eval/retrieval.py", "metrics/perplexity.py"],
     "kernels": ["kernels/reference.py", "kernels/sparse.py", "kernels/grouped.py", "kernels/head_sparse.py"],
 }
 

@@ -117,7 +117,7 @@ def test_ppl_ratios_are_paired_with_dense_on_the_same_windows():
     got = ppl_ratios(model, [dense, narrow], stream, 256, 2)
     assert got[0]["ratio"] == 1.0 and got[0]["windows"] == 2  # the dense plan is dense: identical NLLs
     from mixattn.compress.apply import apply_plan, remove_plan
-    from mixattn.eval.perplexity import window_nlls
+    from mixattn.metrics.perplexity import window_nlls
 
     apply_plan(model, narrow)
     want = window_nlls(model, stream, 256, 2)["nll"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixattn.data import tasks
-from mixattn.eval import perplexity as ppl
+from mixattn.metrics import perplexity as ppl
 
 from .helpers import byte_tok, haystack
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mixattn.data import tasks
-from mixattn.eval import perplexity as ppl
+from mixattn.metrics import perplexity as ppl
 from mixattn.eval import retrieval
 
 from ..data.helpers import ScriptedLM, byte_tok, haystack

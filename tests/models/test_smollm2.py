@@ -9,7 +9,7 @@ import torch
 import mixattn
 from mixattn.convert import dense_to_moh, gqa_to_moa
 from mixattn.data import corpus_tokens
-from mixattn.eval.perplexity import perplexity
+from mixattn.metrics.perplexity import perplexity
 from mixattn.models.hf import embedded_gguf
 
 pytestmark = pytest.mark.slow

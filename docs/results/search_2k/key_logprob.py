@@ -9,7 +9,7 @@ tests without a threshold (sign, Wilcoxon) are the reports' ``logprob`` table (`
 import json
 import sys
 
-from mixattn.eval.stats import fmt_cell, mcnemar, proportion
+from mixattn.metrics.stats import fmt_cell, mcnemar, proportion
 
 THRESHOLD = -10.0
 

@@ -49,8 +49,8 @@ def answer_scores(model, plans, samples, tok=None, progress: bool = False) -> tu
 def ppl_ratios(model, plans, stream: torch.Tensor, length: int, windows: int, progress: bool = False) -> list[dict]:
     """Each plan's perplexity over the dense model's on the same ``windows`` windows of ``length``
     tokens of ``stream`` (T,): ``stats.paired_ratio`` dicts {"windows", "ratio", "lo", "hi", "a_higher"}."""
-    from ..eval.perplexity import window_nlls
-    from ..eval.stats import paired_ratio
+    from ..metrics.perplexity import window_nlls
+    from ..metrics.stats import paired_ratio
     from .apply import apply_plan, remove_plan
 
     remove_plan(model)

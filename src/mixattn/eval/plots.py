@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..paths import save_figure
 from .report import _order, cells
-from .stats import proportion
+from ..metrics.stats import proportion
 
 
 def _plt():

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..paths import save_figure, write_json, write_text
-from .stats import fmt_cell, mcnemar, paired_ratio, paired_scores, proportion
+from ..metrics.stats import fmt_cell, mcnemar, paired_ratio, paired_scores, proportion
 
 
 def _fmt(v) -> str:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..compress.apply import apply_plan, remove_plan
 from ..data import tasks
 from . import retrieval, speed
-from .perplexity import window_nlls
+from ..metrics.perplexity import window_nlls
 
 RETRIEVAL = tuple(t for t in tasks.TASKS if t != "passage")
 OTHER = ("ppl", "speed")

@@ -15,7 +15,7 @@ retrieves almost nothing, is marked as inconclusive: it compares point estimates
 from __future__ import annotations
 
 from .report import cells, paired
-from .stats import paired_ratio
+from ..metrics.stats import paired_ratio
 
 FULL_N = 20  # prompts per (task, length) cell in the full grid
 

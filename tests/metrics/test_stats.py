@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from mixattn.eval import stats
-from mixattn.eval.stats import fmt_cell, mcnemar, proportion, wilson
+from mixattn.metrics import stats
+from mixattn.metrics.stats import fmt_cell, mcnemar, proportion, wilson
 
 
 def test_wilson_known_values():
@@ -58,7 +58,7 @@ def test_proportion_and_cell_text():
 
 
 def test_paired_scores_known_values_and_symmetry():
-    from mixattn.eval.stats import paired_scores
+    from mixattn.metrics.stats import paired_scores
 
     a, b = [1.0, 2.0, 3.5, -1.0, 0.5], [0.0, 1.5, 1.0, -4.0, -0.25]  # a higher on all 5 pairs
     t = paired_scores(a, b)
