@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mixattn.data import tasks
-from mixattn.metrics import perplexity as ppl
 from mixattn.eval import retrieval
+from mixattn.metrics import perplexity as ppl
 
 from ..data.helpers import ScriptedLM, byte_tok, haystack
 

@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
+from ..metrics.stats import proportion
 from ..paths import save_figure
 from .report import _order, cells
-from ..metrics.stats import proportion
 
 
 def _plt():

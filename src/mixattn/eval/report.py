@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..paths import save_figure, write_json, write_text
 from ..metrics.stats import fmt_cell, mcnemar, paired_ratio, paired_scores, proportion
+from ..paths import save_figure, write_json, write_text
 
 
 def _fmt(v) -> str:

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from ..compress.apply import apply_plan, remove_plan
 from ..data import tasks
-from . import retrieval, speed
 from ..metrics.perplexity import window_nlls
+from . import retrieval, speed
 
 RETRIEVAL = tuple(t for t in tasks.TASKS if t != "passage")
 OTHER = ("ppl", "speed")

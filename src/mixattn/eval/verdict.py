@@ -14,8 +14,8 @@ retrieves almost nothing, is marked as inconclusive: it compares point estimates
 
 from __future__ import annotations
 
-from .report import cells, paired
 from ..metrics.stats import paired_ratio
+from .report import cells, paired
 
 FULL_N = 20  # prompts per (task, length) cell in the full grid
 
