@@ -32,7 +32,8 @@ def test_passkey_prompt_and_meta(tok, hay):
     text = tok.decode(s.prompt_ids)
     key = s.answers[0]
     assert f"The pass key is {key}. Remember it. {key} is the pass key." in text
-    assert text.endswith("What is the pass key?\nThe pass key is")
+    assert text.endswith("What is the pass key?\nThe pass key is ")  # the separating space is prompt, not answer
+    assert s.prompt_ids == s.context_ids and tok.decode(s.answer_ids) == key
     assert {k: s.meta[k] for k in ("task", "depth", "key")} == {"task": "passkey", "depth": 0.4, "key": key}
 
 
@@ -41,7 +42,7 @@ def test_multikey_question_and_prefix_name_the_asked_word(tok, hay):
         s = _make("multikey", tok, hay, i=i)
         text = tok.decode(s.prompt_ids)
         word = re.search(r"special magic number for (\w+) mentioned in the provided text\?", text).group(1)
-        assert text.endswith(f"The special magic number for {word} mentioned in the provided text is")
+        assert text.endswith(f"The special magic number for {word} mentioned in the provided text is ")
         assert f"One of the special magic numbers for {word} is: {s.answers[0]}." in text
         assert s.meta["task"] == "multikey" and s.meta["key"] == s.answers[0]
         assert s.answers[0] not in s.meta["distractors"] and len(s.meta["distractors"]) == 3
@@ -53,7 +54,7 @@ def test_multivalue_and_vartrack_meta_and_prefix(tok, hay):
     v = _make("vartrack", tok, hay)
     text = tok.decode(v.prompt_ids)
     value = re.search(r"assigned the value (\d+) in the text above", text).group(1)
-    assert text.endswith(f"{len(v.answers)} variables are assigned the value {value}, they are:")
+    assert text.endswith(f"{len(v.answers)} variables are assigned the value {value}, they are: ")
     assert f"VAR {v.answers[0]} = {value}." in text and len(set(v.answers)) == 5
     for a, b in zip(v.answers, v.answers[1:]):
         assert f"VAR {b} = VAR {a}." in text
@@ -115,7 +116,10 @@ def test_prompts_use_the_tokenizers_chat_template():
     hf = mixattn.load_tokenizer("smollm2-135m")
     s = tasks.make("passkey", hf, haystack(hf, 6000), 500, 0.5, 2)
     text = hf.decode(s.prompt_ids)
-    assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\nThe pass key is")
+    assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\nThe pass key is ")
+    # SmolLM2 writes " 1234567" as a bare space token plus one token per digit: generation starts after
+    # the space (else greedy decoding is scored on emitting a lone space), and the answer is digits only
+    assert s.prompt_ids == s.context_ids and hf.decode(s.answer_ids) == s.answers[0]
 
 
 def test_scoring_a_real_model_generates_its_greedy_tokens():

@@ -23,7 +23,7 @@ from .plan import DENSE, HeadRule, Plan
 
 CORPORA = ("shakespeare", "stdlib")
 log = logging.getLogger(__name__)
-CACHE_VERSION = "calib-v4"  # bump when calibration or profiling changes meaning
+CACHE_VERSION = "calib-v5"  # bump when calibration or profiling changes meaning
 
 
 def model_file(source) -> Path:

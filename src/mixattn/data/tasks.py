@@ -16,11 +16,14 @@ template when it has one. The prompt's length is fitted to ``length`` tokens wit
 
 A ``Sample`` carries both scoring views:
 
-- ``prompt_ids`` ends with the answer prefix ("... The pass key is"); greedy generation from it is
-  correct when the generated text contains every string in ``answers`` (RULER's convention);
 - ``context_ids + answer_ids`` is the prompt and the answer tokenized as ONE string, split where the
   answer's content starts, so that the separating whitespace belongs to the context side and the
-  log-probability covers content tokens only.
+  log-probability covers content tokens only;
+- ``prompt_ids`` is that same context: the answer prefix ("... The pass key is") plus the separating
+  whitespace where the tokenizer makes it a token of its own (SmolLM2's does: " 1234567" is a bare
+  space then one token per digit); the prompt's own tokens where a token straddles the boundary. Greedy generation from it is correct when the generated text
+  contains every string in ``answers`` (RULER's convention). Stopping before the space would score
+  whether the model emits a lone space token first, not whether it retrieves.
 """
 
 from __future__ import annotations
@@ -76,7 +79,12 @@ def make_sample(tok, prompt: str, answers, continuation: str, meta: dict) -> Sam
     k0 = _common(joint, ws)  # tokens before the first one that carries answer content
     if k0 >= len(joint):
         raise ValueError(f"answer {continuation!r} adds no tokens to the prompt")
-    return Sample(tok.encode(prompt), tuple(answers), joint[:k0], joint[k0:], meta)
+    # Generation starts from the same context: with SmolLM2's tokenizer " 1234567" is a bare space token
+    # plus digits, and a prompt that stops before the space leaves the model to emit a lone space, which
+    # it rarely does greedily (it writes " a ..." instead) although p(digits | space) is ~0.8.
+    plain = tok.encode(prompt)
+    extends = k0 >= len(plain) and joint[: len(plain)] == plain  # else a token straddles the boundary: keep the prompt whole
+    return Sample(joint[:k0] if extends else plain, tuple(answers), joint[:k0], joint[k0:], meta)
 
 
 def _filler(haystack, n_tokens: int, start: int) -> list[int]:
