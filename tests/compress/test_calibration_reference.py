@@ -2,6 +2,7 @@
 budget), the gold answer's first position when the tokenizer merges the prompt's end with the answer,
 the lengths, depths and seeds of built samples, and the summary."""
 
+import pytest
 import torch
 
 from mixattn.compress import calibration as cal
@@ -73,3 +74,8 @@ def test_build_lengths_depths_seeds_and_summary(tmp_path):
         assert abs(meta["length"] - (N - 16 - 8)) <= 0.01 * N  # room for 16 answer tokens and 8 more
     assert cal.summary(samples) == {"per_length": {N: 4}, "own_answers": 0, "gold_answers": 4,
                                     "tasks": {t: 1 for t in cal.CALIB_TASKS}}  # fmt: skip
+    chosen = cal.build(Wrong(), tok, [str(tmp_path / "c")], (N,), 3, seed=5, progress=False, task_names=("multikey",))
+    assert [s.task for s in chosen] == ["multikey"] * 3
+    for bad in ((), ("passkey", "haiku")):
+        with pytest.raises(ValueError, match="task_names must name tasks of passkey"):
+            cal.build(Wrong(), tok, [str(tmp_path / "c")], (N,), 1, task_names=bad)

@@ -114,7 +114,7 @@ def test_compress_cli_end_to_end_and_eval_outputs(tmp_path, monkeypatch, capsys)
     plan_path = tmp_path / "plan.json"
     assert main(["compress", str(src), "--density", "0.5", "--lengths", "640,768", "--samples", "2",
                  "--validate-length", "1024", "--validate-samples", "1", "--save-candidates",
-                 "--ppl-length", "1024", "--ppl-windows", "2", "--out", str(plan_path)]) == 0  # fmt: skip
+                 "--ppl-windows", "2", "--out", str(plan_path)]) == 0  # fmt: skip
     plan = Plan.load(plan_path)
     saved = {p.name.split(".", 1)[1].removesuffix(".json"): Plan.load(p) for p in tmp_path.glob("plan.*.json")}
     assert set(saved) == set(plan.meta["validation"]["losses"]) and saved[plan.meta["candidate"]] == plan
@@ -122,6 +122,7 @@ def test_compress_cli_end_to_end_and_eval_outputs(tmp_path, monkeypatch, capsys)
     assert all(plan.density([N]) <= 0.5 + 1e-9 for N in (640, 768, 1024))
     v = plan.meta["validation"]
     assert set(v["losses"]) >= {"milp", "milp-2-rules"} and set(v["ppl"]) == set(v["losses"])
+    assert v["ppl_length"] == 1024  # the perplexity guard is on by default, at the validation length
     assert v["ppl"][plan.meta["candidate"]] <= 1.05 or min(v["ppl"].values()) == v["ppl"][plan.meta["candidate"]]
     assert "ppl" in capsys.readouterr().out
     assert plan_path.with_suffix(".png").is_file()
@@ -308,3 +309,23 @@ def test_eval_no_dense_scores_the_same_prompts_as_a_run_with_dense(tmp_path, mon
     assert strip(a["retrieval"]) == strip(b["retrieval"])
     assert a["ppl"]["u"] == b["ppl"]["u"]
     assert main(["eval", str(src), "--no-dense", "--out", str(tmp_path / "none")]) == 2
+
+
+def test_the_perplexity_guard_defaults_to_the_validation_length_and_0_turns_it_off(tmp_path, monkeypatch):
+    from mixattn.compress import pipeline, select
+
+    monkeypatch.setenv("MIXATTN_CACHE", str(tmp_path / "cache"))
+    src = _saved_tiny(tmp_path)
+    seen = []
+
+    def spy(model, plans, samples, tok, stream, ppl_length, *rest):
+        seen.append((ppl_length, None if stream is None else len(stream), {s.task for s in samples}))
+        return plans[0], {"losses": [0.0] * len(plans), "hits": [0] * len(plans), "ppl": None}
+
+    monkeypatch.setattr(select, "select_by_validation", spy)
+    for ppl_length in (None, 0, 768):
+        pipeline.compress(src, 0.5, lengths=(640,), samples=1, validate_length=1024, validate_samples=2,
+                          ppl_length=ppl_length, ppl_windows=1, progress=False)  # fmt: skip
+    # validation prompts are the tasks whose greedy hits can be counted (passkey, multikey)
+    assert seen == [(1024, 1025, {"passkey", "multikey"}), (0, None, {"passkey", "multikey"}),
+                    (768, 769, {"passkey", "multikey"})]  # fmt: skip

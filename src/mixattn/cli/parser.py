@@ -76,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, default=16, help="calibration samples per length")
     p.add_argument("--max-rules-per-layer", type=positive_int)
     p.add_argument("--validate-length", type=positive_int, help="choose between candidate plans by loss at this length")
-    p.add_argument("--validate-samples", type=positive_int, default=4, help="held-out prompts for --validate-length")
-    p.add_argument("--ppl-length", type=positive_int,
-                   help="rule out candidates whose perplexity at this length is over (1 + --ppl-tolerance) x dense")
+    p.add_argument("--validate-samples", type=positive_int, default=8, help="held-out prompts for --validate-length")
+    p.add_argument("--ppl-length", type=nonneg_int,
+                   help="rule out candidates whose perplexity at this length is over (1 + --ppl-tolerance) x dense "
+                   "(default: --validate-length; 0: no perplexity guard)")
     p.add_argument("--ppl-windows", type=positive_int, default=2, help="text windows for --ppl-length")
     p.add_argument("--ppl-tolerance", type=float, default=0.05, help="perplexity ratio allowed over dense (0.05: +5%%)")
     p.add_argument("--save-candidates", action="store_true",

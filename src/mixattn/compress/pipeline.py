@@ -83,8 +83,9 @@ def check_args(density, lengths, samples, max_rules_per_layer, validate_length, 
         raise ValueError(f"max_rules_per_layer must be an integer >= 1, got {max_rules_per_layer!r}")
     if validate_length is not None and (not isinstance(validate_length, int) or validate_length <= 0):
         raise ValueError(f"validate_length must be a positive integer, got {validate_length!r}")
-    if ppl_length is not None and (not isinstance(ppl_length, int) or isinstance(ppl_length, bool) or ppl_length < 2):
-        raise ValueError(f"ppl_length must be an integer >= 2, got {ppl_length!r}")
+    if ppl_length is not None and (not isinstance(ppl_length, int) or isinstance(ppl_length, bool) or ppl_length == 1
+                                   or ppl_length < 0):  # fmt: skip
+        raise ValueError(f"ppl_length must be an integer >= 2 (or 0: no perplexity guard), got {ppl_length!r}")
     longest = max([*lengths, validate_length or 0, ppl_length or 0])
     if max_seq_len is not None and longest > max_seq_len:
         raise ValueError(f"length {longest} exceeds the model's max_seq_len {max_seq_len}")
@@ -142,7 +143,8 @@ def compress(source, density: float, lengths=(1024, 2048), out=None, samples: in
     ``validate_length`` and ``ppl_length``), choosing among candidate plans by retrieval hits and
     answer loss at ``validate_length`` (``select.select_by_validation``), among those whose perplexity
     at ``ppl_length`` (``ppl_windows`` windows of Shakespeare's training split, held out from
-    evaluation) is within ``1 + ppl_tolerance`` of dense.
+    evaluation) is within ``1 + ppl_tolerance`` of dense. ``ppl_length`` None means
+    ``validate_length``; 0 turns the perplexity guard off.
 
     Stages cached in ``work_dir`` (default: under the user cache, keyed by the model's content):
     calibration.pt (``samples`` per length), profile.pt (saved after every sample: resumable),
@@ -150,6 +152,8 @@ def compress(source, density: float, lengths=(1024, 2048), out=None, samples: in
     candidate as ``<out stem>.<label>.json`` next to ``out``.
     """
     lengths = tuple(lengths)
+    if ppl_length is None and validate_length:  # the perplexity guard is on unless ppl_length=0
+        ppl_length = validate_length
     if out is not None and (Path(out).is_dir() or Path(out).with_suffix(".png").is_dir()):
         raise ValueError(f"out {out} (or its heatmap {Path(out).with_suffix('.png')}) is a folder; a plan file path is expected")
     check_args(density, lengths, samples, max_rules_per_layer, validate_length,
@@ -172,8 +176,10 @@ def compress(source, density: float, lengths=(1024, 2048), out=None, samples: in
     plans = candidates(prof, density, budget_lengths, max_rules_per_layer, name)
     plan = plans["milp"]
     if validate_length:
-        val = _cached(work / f"validation_{validate_length}_{validate_samples}.pt", resume, lambda: calibration.build(
-            model, tok, list(corpora), (validate_length,), validate_samples, seed + 7919, progress=progress))  # fmt: skip
+        val = _cached(work / f"validation_{validate_length}_{validate_samples}_{'-'.join(calibration.VALIDATION_TASKS)}.pt",
+                      resume, lambda: calibration.build(model, tok, list(corpora), (validate_length,), validate_samples,
+                                                        seed + 7919, progress=progress,
+                                                        task_names=calibration.VALIDATION_TASKS))  # fmt: skip
         stream = None
         if ppl_length:
             from ..data import corpus_tokens

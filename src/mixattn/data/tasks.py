@@ -21,9 +21,10 @@ A ``Sample`` carries both scoring views:
   log-probability covers content tokens only;
 - ``prompt_ids`` is that same context: the answer prefix ("... The pass key is") plus the separating
   whitespace where the tokenizer makes it a token of its own (SmolLM2's does: " 1234567" is a bare
-  space then one token per digit); the prompt's own tokens where a token straddles the boundary. Greedy generation from it is correct when the generated text
-  contains every string in ``answers`` (RULER's convention). Stopping before the space would score
-  whether the model emits a lone space token first, not whether it retrieves.
+  space then one token per digit); the prompt's own tokens where a token straddles the boundary.
+  Greedy generation from it is correct when the generated text contains every string in ``answers``
+  (RULER's convention). Stopping before the space would score whether the model emits a lone space
+  token first, not whether it retrieves.
 """
 
 from __future__ import annotations
