@@ -5,8 +5,10 @@
 Following MoA (arXiv 2406.14909): calibration answers are the model's own where they are right and
 the gold answers where they are not; the gradient profile is taken at every profile length; the MILP
 picks one rule per KV head under the density budget at every profile (and validation) length; and
-the final plan is chosen among several MILP solutions by answer loss on held-out prompts at a longer
-length than any profile. The cache key is the model's content digest, not its path.
+the final plan is chosen among several MILP solutions by greedy retrieval hits (then answer loss) on
+held-out passkey and multi-key prompts at a longer length than any profile, among the candidates
+whose perplexity there stays within 5% of dense. The cache key is the model's content digest, not
+its path.
 """
 
 from __future__ import annotations
