@@ -3,6 +3,7 @@ give the final weights of an uninterrupted run, bit for bit, and a metrics log w
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,7 +77,10 @@ def test_signal_checkpoints_at_the_step_end_and_resume_is_exact(setup, sig):
     assert stopped.returncode == (143 if sig == signal.SIGTERM else 130), stopped.stderr[-400:]
     assert "Traceback" not in stopped.stderr
     state = json.loads((out / "checkpoint" / "config.json").read_text())
-    assert LOGGED <= state["step"] < 2 * EVERY  # saved where it stopped, not at the last evaluation
+    # saved where it stopped, not at the last evaluation: the step the run names on stopping (under load the
+    # signal can land past the next evaluation at 2 * EVERY, so no fixed upper bound holds)
+    said = re.search(r"checkpoint saved at step (\d+)", stopped.stdout + stopped.stderr)
+    assert said and LOGGED <= state["step"] == int(said.group(1)) < STEPS, (state["step"], stopped.stderr[-400:])
     resumed = _run(_argv(corpus, out, "--resume"), env)
     assert resumed.returncode == 0, resumed.stderr[-600:]
     _same_run(out, ref_weights, ref_rows)
