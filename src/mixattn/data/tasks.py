@@ -80,9 +80,7 @@ def make_sample(tok, prompt: str, answers, continuation: str, meta: dict) -> Sam
     k0 = _common(joint, ws)  # tokens before the first one that carries answer content
     if k0 >= len(joint):
         raise ValueError(f"answer {continuation!r} adds no tokens to the prompt")
-    # Generation starts from the same context: with SmolLM2's tokenizer " 1234567" is a bare space token
-    # plus digits, and a prompt that stops before the space leaves the model to emit a lone space, which
-    # it rarely does greedily (it writes " a ..." instead) although p(digits | space) is ~0.8.
+    # generation starts from the same context (module docstring: why the separating space is prompt)
     plain = tok.encode(prompt)
     extends = k0 >= len(plain) and joint[: len(plain)] == plain  # else a token straddles the boundary: keep the prompt whole
     return Sample(joint[:k0] if extends else plain, tuple(answers), joint[:k0], joint[k0:], meta)
