@@ -17,10 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .compress import optimize
-from .compress.pipeline import compress, duo_window, load_model, mass_scores, matched, work_dir_for
-from .compress.plan import HeadRule, Plan
-from .compress.profile import LOCAL, SINK, Profile
+from .compress.pipeline import compress, load_model, mass_scores, matched, profile_for
 from .eval import suite
 from .eval.report import write
 from .eval.verdict import verdicts
@@ -38,17 +35,6 @@ GRIDS = {
 }  # fmt: skip
 
 
-def gradient_duo(profile: Profile, density: float, length: int, name: str) -> Plan:
-    """Duo-style plan with heads ranked by the profiled loss of a streaming (sink + local) rule."""
-    streaming = HeadRule(SINK, float(LOCAL), 0.0)
-    loss = optimize.loss_matrix(profile, [streaming])[:, 0]
-    L, H = profile.influence[profile.lengths[0]].shape[:2]
-    plan = Plan.duo(loss.reshape(L, H).tolist(), density, length, SINK, duo_window(density, length, SINK, LOCAL),
-                    model_name=name)  # fmt: skip
-    plan.meta["method"] = "duo-gradient"
-    return plan
-
-
 def build_plans(source, model, tok, grid: dict, out: Path, progress: bool = True) -> tuple[dict, list]:
     """{label: plan or {length: plan}} for every method of the grid, and the (a, b) pairs to test."""
     plans, pairs = {"dense": None}, []
@@ -62,11 +48,8 @@ def build_plans(source, model, tok, grid: dict, out: Path, progress: bool = True
                         progress=progress)  # fmt: skip
         label = f"mixattn {d}"
         for kind in kinds_at[d]:
-            if kind == "duo-gradient":
-                prof = Profile.load(work_dir_for(source, lengths, grid["samples"], 0, _corpora()) / "profile.pt")
-                plans[f"{kind} {d}"] = {L: gradient_duo(prof, plan.density([L + 16]), L + 16, str(source)) for L in evals}
-            else:
-                plans[f"{kind} {d}"] = matched(source, kind, plan, evals, model=model, tok=tok, scores=scores)
+            prof = profile_for(source, plan) if kind == "duo-gradient" else None
+            plans[f"{kind} {d}"] = matched(source, kind, plan, evals, model=model, tok=tok, scores=scores, profile=prof)
             pairs.append((label, f"{kind} {d}"))
         plans[label] = plan
         pairs.append((label, "dense"))
@@ -75,12 +58,6 @@ def build_plans(source, model, tok, grid: dict, out: Path, progress: bool = True
             if p is not None:
                 p.save(out / "plans" / f"{label.replace(' ', '_')}{'' if L is None else f'@{L}'}.json")
     return plans, pairs
-
-
-def _corpora():
-    from .compress.pipeline import CORPORA
-
-    return CORPORA
 
 
 def run(source: str = "smollm2-135m", grid: str | dict = "demo", out: str | Path = "runs/demo", progress: bool = True,

@@ -25,7 +25,7 @@ EXAMPLES = {
 """,
     "compress": """examples:
   mixattn compress smollm2-135m --density 0.5 --out runs/plan_0.5.json
-  mixattn compress smollm2-135m --density 0.25 --lengths 1024,2048,4096 --samples 4 --out plan.json --resume
+  mixattn compress smollm2-135m --density 0.25 --lengths 1024,2048,4096 --samples 4 --out plan.json  # reuses the cached profile
   mixattn compress runs/my-llama --density 0.5 --max-rules-per-layer 2 --validate-length 4096 --out plan.json
 """,
     "eval": """examples:

@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-tolerance", type=float, default=0.05, help="perplexity ratio allowed over dense (0.05: +5%%)")
     p.add_argument("--save-candidates", action="store_true",
                    help="also write every candidate plan as OUT_STEM.LABEL.json (to evaluate them side by side)")
-    p.add_argument("--resume", action="store_true", help="reuse cached stages (calibration, partial profile)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="rebuild the cached stages (calibration, profile, held-out set) instead of reusing them; "
+                   "the cache is keyed by the model's content and the calibration settings, so reuse is the default")
+    p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     p.add_argument("--out", required=True)
 
     p = add("eval", "evaluate plans side by side: retrieval, perplexity, speed and memory", cmd_eval)
@@ -92,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--plan", action="append", default=[], help="plan JSON (repeatable)")
     p.add_argument("--baseline", action="append", default=[], metavar="KIND:DENSITY",
-                   help="uniform:0.5, duo:0.25, or uniform:match (one per --plan, at its measured density per length)")
+                   help="uniform:0.5, duo:0.25, or KIND:match (one per --plan, at its measured density per length); "
+                   "duo-gradient:match ranks heads by the --plan's own cached gradient profile")  # fmt: skip
     p.add_argument("--tasks", help="passkey,multikey,multivalue,vartrack,lines,passage,ppl,speed "
                    "(default passkey,ppl,speed; --full: all retrieval tasks)")
     p.add_argument("--lengths", type=checked_text(positive_ints), help="default 1024,2048,4096 (--full: 1024,2048,4096,8192)")
@@ -103,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="the big grid: 5 tasks x 1k-8k x 5 depths x 4 = 20 per cell")
     p.add_argument("--no-dense", action="store_true",
                    help="skip the dense reference (prompts are seeded: merge with an earlier run's dense rows)")
+    p.add_argument("--only-baselines", action="store_true",
+                   help="evaluate the baselines only; each --plan just sizes its KIND:match baselines")
     p.add_argument("--out", required=True)
 
     p = add("plan", "show a plan (summary + heatmap), build a baseline plan, or import / export MoA and "
@@ -117,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "this quantile of all gates), in [0, 1]")  # fmt: skip
     p.add_argument("--gqa", choices=["max", "mean"], default="max", help="import moa: how a KV head's query "
                    "heads' rules become one (max: each sees at least its MoA span; mean: keeps the density)")  # fmt: skip
-    p.add_argument("--kind", choices=["uniform", "duo", "dense"], default="uniform")
+    p.add_argument("--kind", choices=["uniform", "duo", "dense"], default="uniform",
+                   help="duo-gradient needs a compress run's profile: see eval --baseline duo-gradient:match")
     p.add_argument("--density", type=fraction)
     p.add_argument("--length", type=positive_int, help="reference length (baseline sizing; show: heatmap length)")
     p.add_argument("--lengths", type=positive_ints, help="show: lengths for the density summary")

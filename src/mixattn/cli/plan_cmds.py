@@ -26,7 +26,7 @@ def cmd_compress(a) -> int:
 
     # compress() refuses a folder as ``out`` (and every bad argument) before loading anything
     plan = compress(a.model, a.density, _ints(a.lengths), out=a.out, samples=a.samples,
-                    max_rules_per_layer=a.max_rules_per_layer, resume=a.resume,
+                    max_rules_per_layer=a.max_rules_per_layer, resume=not a.rebuild,
                     validate_length=a.validate_length, validate_samples=a.validate_samples,
                     save_candidates=a.save_candidates, ppl_length=a.ppl_length, ppl_windows=a.ppl_windows,
                     ppl_tolerance=a.ppl_tolerance)  # fmt: skip
@@ -45,7 +45,7 @@ def cmd_compress(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from ..compress.pipeline import baseline, load_model, mass_scores, matched
+    from ..compress.pipeline import BASELINES, baseline, load_model, mass_scores, matched, profile_for
     from ..compress.plan import Plan
     from ..demo import GRIDS
     from ..eval.report import write
@@ -59,6 +59,8 @@ def cmd_eval(a) -> int:
     ppl_windows = a.ppl_windows or (full["ppl_windows"] if a.full else 2)
     if a.no_dense and not (a.plan or a.baseline):
         raise ValueError("--no-dense leaves nothing to evaluate: give a --plan or a --baseline")
+    if a.only_baselines and not a.baseline:
+        raise ValueError("--only-baselines needs a --baseline to evaluate")
     plans = {} if a.no_dense else {"dense": None}
     for p in a.plan:
         plans[Path(p).stem] = Plan.load(p)
@@ -69,11 +71,18 @@ def cmd_eval(a) -> int:
             raise ValueError(f"--baseline {spec!r}: expected KIND:DENSITY (uniform:0.5) or KIND:match")
         if d == "match" and not a.plan:
             raise ValueError(f"--baseline {spec!r}: 'match' needs a --plan to match")
+        if kind not in BASELINES:
+            raise ValueError(f"--baseline {spec!r}: unknown kind {kind!r}; valid: {', '.join(BASELINES)}")
+        if kind == "duo-gradient" and d != "match":
+            raise ValueError(f"--baseline {spec!r}: duo-gradient ranks heads by a compress run's profile; "
+                             "use duo-gradient:match with that run's --plan")  # fmt: skip
         specs.append((kind, d))
     if Path(a.out).exists() and not Path(a.out).is_dir():
         raise ValueError(f"--out {a.out} is a file; a folder is expected")
     from ..models.dtype import cast
 
+    needs_profile = any(kind == "duo-gradient" for kind, _ in specs)  # found before the model loads
+    profiles = {Path(p).stem: profile_for(a.model, plans[Path(p).stem]) for p in a.plan} if needs_profile else {}
     model, tok = load_model(a.model)
     cast(model, a.dtype)
     for name, plan in plans.items():  # before any prompt is built or any pass runs
@@ -89,12 +98,16 @@ def cmd_eval(a) -> int:
     for kind, d in specs:
         if d == "match":  # one baseline per plan, at that plan's measured density at every eval length
             for name in given:
-                plans[f"{kind} @{name}"] = matched(a.model, kind, plans[name], lengths, model=model, tok=tok, scores=scores)
+                plans[f"{kind} @{name}"] = matched(a.model, kind, plans[name], lengths, model=model, tok=tok, scores=scores,
+                                                   profile=profiles.get(name))  # fmt: skip
                 pairs += [(name, f"{kind} @{name}"), *((f"{kind} @{name}", r) for r in ref)]
         else:  # elastic (uniform) or fitted at each length (duo): this density at every eval length
             plans[f"{kind} {d}"] = {N: baseline(a.model, kind, float(d), N + 16, model=model, tok=tok, scores=scores)
                                     for N in lengths}  # fmt: skip
             pairs += [(name, f"{kind} {d}") for name in given] + [(f"{kind} {d}", r) for r in ref]
+    if a.only_baselines:  # the plans only size their matched baselines; their rows come from an earlier run
+        plans = {k: v for k, v in plans.items() if k not in given}
+        pairs = [(x, y) for x, y in pairs if x not in given and y not in given]
     with locked(a.out):  # one writer per results folder
         res = evaluate(model, tok, plans, task_names, lengths, depths, samples, ppl_windows=ppl_windows,
                        speed_context=max(lengths))  # fmt: skip

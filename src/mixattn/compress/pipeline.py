@@ -24,6 +24,7 @@ from . import profile as profiling
 from .plan import DENSE, HeadRule, Plan
 
 CORPORA = ("shakespeare", "stdlib")
+BASELINES = ("uniform", "duo", "duo-gradient", "dense")
 log = logging.getLogger(__name__)
 CACHE_VERSION = "calib-v5"  # bump when calibration or profiling changes meaning
 
@@ -193,7 +194,7 @@ def compress(source, density: float, lengths=(1024, 2048), out=None, samples: in
                                    **{k: dict(zip(plans, v)) for k, v in scores.items() if v is not None}}  # fmt: skip
         if ppl_length:
             plan.meta["validation"].update(ppl_length=ppl_length, ppl_windows=ppl_windows, ppl_tolerance=ppl_tolerance)
-    plan.meta.update(samples=len(samples_), lengths=list(lengths), budget_lengths=list(budget_lengths),
+    plan.meta.update(samples=len(samples_), lengths=list(lengths), seed=seed, budget_lengths=list(budget_lengths),
                      calibration=calibration.summary(samples_))  # fmt: skip
     if out is not None:
         plan.save(out)
@@ -216,11 +217,24 @@ def _cached(path: Path, resume: bool, build) -> list:
 
 
 def baseline(source, kind: str, density: float, length: int, sink: int = 64, model=None, tok=None,
-             scores=None) -> Plan:  # fmt: skip
+             scores=None, profile=None) -> Plan:  # fmt: skip
     """uniform (StreamingLLM), duo (DuoAttention-style, heads ranked by ``scores`` or by attention
-    mass outside the sink + local window on real text) or dense, sized for ``length``."""
-    if kind not in ("uniform", "duo", "dense"):
-        raise ValueError(f"unknown baseline {kind!r}; valid: uniform, duo, dense")
+    mass outside the sink + local window on real text), duo-gradient (heads ranked by the gradient
+    ``profile``'s loss under a sink + local rule: the profile-ranked "top heads full, rest short
+    window" plan) or dense, sized for ``length``."""
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline {kind!r}; valid: {', '.join(BASELINES)}")
+    if kind == "duo-gradient":
+        if profile is None:
+            raise ValueError("the duo-gradient baseline needs the gradient profile of a compress run")
+        streaming = HeadRule(profiling.SINK, float(profiling.LOCAL), 0.0)
+        loss = optimize.loss_matrix(profile, [streaming])[:, 0]
+        L, H = profile.influence[profile.lengths[0]].shape[:2]
+        plan = Plan.duo(loss.reshape(L, H).tolist(), density, length, sink,
+                        duo_window(density, length, sink, profiling.LOCAL), model_name=str(source),
+                        profile_lengths=(length,))  # fmt: skip
+        plan.meta["method"] = "duo-gradient"
+        return plan
     if model is None:
         model, tok = load_model(source)
     L, H = model.cfg.num_layers, model.cfg.num_kv_heads
@@ -232,6 +246,23 @@ def baseline(source, kind: str, density: float, length: int, sink: int = 64, mod
     if scores is None:
         scores = mass_scores(model, tok)
     return Plan.duo(scores, density, length, sink, duo_window(density, length, sink), **kw)
+
+
+def profile_for(source, plan: Plan, corpora=CORPORA) -> profiling.Profile:
+    """The cached gradient profile ``compress`` built ``plan`` from (found by the model's content and
+    the plan's calibration lengths, samples per length and seed)."""
+    meta = plan.meta
+    per_length = (meta.get("calibration") or {}).get("per_length") or {}
+    if not meta.get("lengths") or not per_length:
+        raise ValueError("the plan does not record its calibration (lengths, samples per length): "
+                         "only a plan written by `mixattn compress` has a profile to rank heads by")  # fmt: skip
+    samples = max(per_length.values())
+    path = work_dir_for(source, meta["lengths"], samples, meta.get("seed", 0), corpora) / "profile.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no cached profile for this plan on this machine; rerun `mixattn compress "
+                                f"{source} --lengths {','.join(map(str, meta['lengths']))} --samples {samples}` "
+                                "(it rebuilds the profile and writes it there)")  # fmt: skip
+    return profiling.Profile.load(path)
 
 
 def duo_window(density: float, length: int, sink: int = 64, window: int = 256) -> int:
@@ -249,15 +280,16 @@ def mass_scores(model, tok) -> list:
     return profiling.mass_outside_scores(model, corpus_tokens("shakespeare", tok, min(model.cfg.max_seq_len, 2048))).tolist()
 
 
-def matched(source, kind: str, reference: Plan, lengths, model=None, tok=None, scores=None, slack: int = 16) -> dict:
+def matched(source, kind: str, reference: Plan, lengths, model=None, tok=None, scores=None, slack: int = 16,
+            profile=None) -> dict:  # fmt: skip
     """{L: baseline plan} whose density at L + ``slack`` equals ``reference``'s there (within ±0.01 for
     uniform; within half a head's share for duo): equal-density baselines at every eval length."""
-    if model is None:
+    if model is None and kind != "duo-gradient":
         model, tok = load_model(source)
     if kind == "duo" and scores is None:
         scores = mass_scores(model, tok)
     out = {}
     for L in lengths:
         N = L + slack
-        out[L] = baseline(source, kind, reference.density([N]), N, model=model, tok=tok, scores=scores)
+        out[L] = baseline(source, kind, reference.density([N]), N, model=model, tok=tok, scores=scores, profile=profile)
     return out
