@@ -16,6 +16,10 @@ CPU seconds (``--wall`` for wall time), which on a machine shared with other job
 done; run with ``--threads 1`` there. Both models are
 in this process and the systems alternate per (length, batch), so the ratios share the load.
 "tokens = hf" counts the greedy tokens equal to transformers' (all rows).
+
+The last row of each (length, batch) is mixattn dense decoding after a 16-token prompt instead: a
+step that reads every weight but almost no KV cache. Its "decode vs hf" is the ceiling that any KV
+sparsity can reach in that dtype (the attention's share of the step is all a plan can remove).
 """
 
 from __future__ import annotations
@@ -138,6 +142,9 @@ def main():
                 for name, (p, d, toks) in res.items():
                     rows.append([T, B, name, f"{p:.2f}", f"{B / d:.2f}", f"**{hp / p:.2f}x**", f"**{hd / d:.2f}x**",
                                  f"{int((toks == htok).sum())}/{toks.numel()}"])  # fmt: skip
+                _, d, _ = run_ours(ours, ids[:, :16], a.steps, 1)  # weights only: the decode ceiling
+                rows.append([T, B, "mixattn dense, 16-token context (ceiling)", "-", f"{B / d:.2f}", "-",
+                             f"**{hd / d:.2f}x**", "-"])  # fmt: skip
                 print(f"T={T} B={B} done", file=sys.stderr, flush=True)
     print(table(rows, ["T", "batch", "path", "prefill s", "decode tok/s", "prefill vs hf", "decode vs hf",
                        "tokens = hf"]))  # fmt: skip
