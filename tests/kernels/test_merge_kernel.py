@@ -63,3 +63,16 @@ def test_merge_rows_leaves_a_middle_key():
     for w in range(MIN_BLOCK + 2, 3000, 7):
         C = merge_rows(w)
         assert MIN_BLOCK <= C <= min(256, w - 2)
+
+
+@pytest.mark.parametrize("blocks_per_call", [1, 2, 3])
+def test_merge_split_into_several_gathers_matches_brute_force(monkeypatch, blocks_per_call):
+    """Blocks go in batches that fit ``GATHER_BYTES``; a batch that starts past the first block must
+    take its own window (kills a middle or first-keys offset tied to the first block)."""
+    from mixattn.kernels import sparse_merge
+
+    case = _long_case(1200, [64, 5], [326, 90], B=1)  # 3 and 11 full blocks, then a partial one
+    k = case[1]
+    per_block = 2 * k.shape[0] * 1 * (64 + 326) * k.shape[3] * k.element_size()  # the largest group's block
+    monkeypatch.setattr(sparse_merge, "GATHER_BYTES", blocks_per_call * per_block)
+    _no_grad_check(case)

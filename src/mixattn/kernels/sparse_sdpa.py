@@ -58,27 +58,28 @@ def _group(q, k, v, sink: int, span: int) -> torch.Tensor:
     """One rule for all heads: q (B, Hg*G, T, D), k, v (B, Hg, T, D) -> (B, Hg*G, T, D)."""
     T = q.shape[2]
     P = min(T, sink + span)
-    head = _causal_head(q, k, v, P)
     if P == T:  # every query keeps all its keys: plain causal attention
-        return head
-    return torch.cat([head, masked_blocks(q, k, v, sink, span, P, block_rows(span))], dim=2)
+        return _causal_head(q, k, v, P)
+    out = torch.empty_like(q)  # written block by block: no list of partial outputs and no final cat
+    out[:, :, :P] = _causal_head(q, k, v, P)
+    masked_blocks(q, k, v, sink, span, P, block_rows(span), out[:, :, P:])
+    return out
 
 
-def masked_blocks(q, k, v, sink: int, span: int, start: int, C: int) -> torch.Tensor:
+def masked_blocks(q, k, v, sink: int, span: int, start: int, C: int, out: torch.Tensor) -> torch.Tensor:
     """Queries [start, T) (start >= sink + span) in blocks of C rows, one band-masked SDPA call each,
-    over the sink and the block's window keys: -> (B, Hg*G, T - start, D)."""
+    over the sink and the block's window keys, written into ``out`` (B, Hg*G, T - start, D)."""
     T = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
     mask = _band_mask(C, sink, span, str(q.device))
-    outs = []
     for a in range(start, T, C):
         c = min(C, T - a)
         lo = a - span + 1  # first window key of the block's first query; > sink since a >= sink + span
         kk = torch.cat([k[:, :, :sink], k[:, :, lo : a + c]], dim=2) if sink else k[:, :, lo : a + c]
         vv = torch.cat([v[:, :, :sink], v[:, :, lo : a + c]], dim=2) if sink else v[:, :, lo : a + c]
-        outs.append(F.scaled_dot_product_attention(q[:, :, a : a + c], kk, vv, attn_mask=mask[:c, : sink + span + c - 1],
-                                                    enable_gqa=gqa))  # fmt: skip
-    return torch.cat(outs, dim=2)
+        out[:, :, a - start : a - start + c] = F.scaled_dot_product_attention(
+            q[:, :, a : a + c], kk, vv, attn_mask=mask[:c, : sink + span + c - 1], enable_gqa=gqa)  # fmt: skip
+    return out
 
 
 def _by_rule(q, k, v, sink, span, group) -> torch.Tensor:
@@ -90,20 +91,17 @@ def _by_rule(q, k, v, sink, span, group) -> torch.Tensor:
     groups = _rule_groups(sink, span)
     if len(groups) == 1:
         return group(q, k, v, int(sink[0]), int(span[0]))
-    outs, order = [], []
+    out = torch.empty_like(q)  # each group's query heads written in place: no cat, no un-permute
     for heads in groups:
         h0, n = heads[0], len(heads)
         if heads == list(range(h0, h0 + n)):  # contiguous heads: views, no gather
             qg, kg, vg = q[:, h0 * G : (h0 + n) * G], k[:, h0 : h0 + n], v[:, h0 : h0 + n]
+            out[:, h0 * G : (h0 + n) * G] = group(qg, kg, vg, int(sink[h0]), int(span[h0]))
         else:
             idx = torch.tensor(heads, device=q.device)
             q_idx = (idx[:, None] * G + torch.arange(G, device=q.device)).flatten()
             qg, kg, vg = q.index_select(1, q_idx), k.index_select(1, idx), v.index_select(1, idx)
-        outs.append(group(qg, kg, vg, int(sink[h0]), int(span[h0])))
-        order += [h * G + g for h in heads for g in range(G)]
-    out = torch.cat(outs, dim=1)  # query heads in group order
-    if order != list(range(H)):
-        out = out.index_select(1, torch.argsort(torch.tensor(order, device=q.device)))
+            out.index_copy_(1, q_idx, group(qg, kg, vg, int(sink[h0]), int(span[h0])))
     return out
 
 
