@@ -38,6 +38,7 @@ from common import cpu_model, plan_files, stamp, table  # noqa: E402
 
 import mixattn  # noqa: E402
 from mixattn.compress import Plan, apply_plan, remove_plan  # noqa: E402
+from mixattn.layers.packed import pack, unpack  # noqa: E402
 
 CLOCK = time.process_time  # CPU time: on a shared machine, wall time mostly measures the other jobs
 
@@ -106,6 +107,8 @@ def main():
     ap.add_argument("--no-uniform", action="store_true", help="skip the uniform plan (time only --plan-file plans)")
     ap.add_argument("--plan-file", action="append", metavar="[LABEL=]PATH", help="also run this plan JSON (repeatable)")
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--hf-dtype", choices=["float32", "bfloat16"], help="transformers' dtype (default: --dtype's)")
+    ap.add_argument("--packed", action="store_true", help="also run every mixattn row with oneDNN-prepacked weights")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--wall", action="store_true", help="time with the wall clock instead of CPU time")
     a = ap.parse_args()
@@ -122,8 +125,11 @@ def main():
     tok = mixattn.load_tokenizer("smollm2-135m")
     with tempfile.TemporaryDirectory() as tmp:
         mixattn.export(mixattn.load("smollm2-135m"), tmp, format="llama", tokenizer=tok)
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").eval()
-    print(f"## mixattn vs transformers {hf_version}, smollm2-135m\n\nCPU: {cpu_model()}; {stamp(dtype)}\n")
+        hf_dtype = getattr(torch, a.hf_dtype) if a.hf_dtype else dtype
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=hf_dtype, attn_implementation="sdpa").eval()
+    packed_note = "; packed rows: oneDNN-prepacked weights" if a.packed else ""
+    print(f"## mixattn vs transformers {hf_version}, smollm2-135m\n\nCPU: {cpu_model()}; {stamp(dtype)}; "
+          f"transformers in {str(hf_dtype).removeprefix('torch.')}{packed_note}\n")
     rows = []
     with torch.no_grad():
         for T in map(int, a.lengths.split(",")):
@@ -131,20 +137,28 @@ def main():
             for B in map(int, a.batches.split(",")):
                 ids = prompts(tok, T, B)
                 res = {"transformers (sdpa, DynamicCache)": run_hf(hf, ids, a.steps, a.repeats)}
-                remove_plan(ours)
-                res["mixattn dense"] = run_ours(ours, ids, a.steps, a.repeats)
                 extra = {} if a.no_uniform else {f"uniform {a.density}": plan}
-                for label, p in {**extra, **plan_files(a.plan_file)}.items():
-                    apply_plan(ours, p)
-                    res[f"mixattn + {label}"] = run_ours(ours, ids, a.steps, a.repeats)
+                for suffix in ("", ", packed") if a.packed else ("",):
+                    if suffix:
+                        pack(ours)
                     remove_plan(ours)
+                    res[f"mixattn dense{suffix}"] = run_ours(ours, ids, a.steps, a.repeats)
+                    for label, p in {**extra, **plan_files(a.plan_file)}.items():
+                        apply_plan(ours, p)
+                        res[f"mixattn + {label}{suffix}"] = run_ours(ours, ids, a.steps, a.repeats)
+                        remove_plan(ours)
+                    unpack(ours)
                 hp, hd, htok = res["transformers (sdpa, DynamicCache)"]
                 for name, (p, d, toks) in res.items():
                     rows.append([T, B, name, f"{p:.2f}", f"{B / d:.2f}", f"**{hp / p:.2f}x**", f"**{hd / d:.2f}x**",
                                  f"{int((toks == htok).sum())}/{toks.numel()}"])  # fmt: skip
-                _, d, _ = run_ours(ours, ids[:, :16], a.steps, 1)  # weights only: the decode ceiling
-                rows.append([T, B, "mixattn dense, 16-token context (ceiling)", "-", f"{B / d:.2f}", "-",
-                             f"**{hd / d:.2f}x**", "-"])  # fmt: skip
+                for suffix in ("", ", packed") if a.packed else ("",):  # weights only: the decode ceiling
+                    if suffix:
+                        pack(ours)
+                    _, d, _ = run_ours(ours, ids[:, :16], a.steps, 1)
+                    unpack(ours)
+                    rows.append([T, B, f"mixattn dense{suffix}, 16-token context (ceiling)", "-", f"{B / d:.2f}", "-",
+                                 f"**{hd / d:.2f}x**", "-"])  # fmt: skip
                 print(f"T={T} B={B} done", file=sys.stderr, flush=True)
     print(table(rows, ["T", "batch", "path", "prefill s", "decode tok/s", "prefill vs hf", "decode vs hf",
                        "tokens = hf"]))  # fmt: skip

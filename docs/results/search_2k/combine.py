@@ -6,6 +6,8 @@ in every file on the same prompts, must be identical there (it is kept once); fi
 prompts (one task each, say) are concatenated.
 
     python docs/results/search_2k/combine.py OUT '{"old label": "new label", ...}' '[["a", "b"], ...]' A.json B.json
+
+Where the labels include "mixattn D" and "uniform D", the targets' verdict lines are written too.
 """
 
 import json
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 from mixattn.eval.report import write
+from mixattn.eval.verdict import verdicts
 
 
 def key(x):
@@ -42,11 +45,14 @@ def main(out, names, pairs, files):
         res["retrieval"] += [dict(x, method=names.get(x["method"], x["method"])) for x in r["retrieval"]]
         for m, by_len in r.get("ppl", {}).items():  # perplexity windows, relabelled (dense kept once)
             res["ppl"].setdefault(names.get(m, m), {}).update(by_len)
-    order = list(dict.fromkeys(names.get(m, m) for m in ["dense", *names]))
+    seen = [x["method"] for x in res["retrieval"]] + list(res["density"]) + list(res["ppl"])
+    order = list(dict.fromkeys([*(names.get(m, m) for m in ["dense", *names]), *seen]))
     res["density"] = {m: res["density"][m] for m in order if m in res["density"]}
     res["ppl"] = {m: res["ppl"][m] for m in order if m in res["ppl"]}
     res["retrieval"].sort(key=lambda x: (order.index(x["method"]), x["task"] != "passkey", *key(x)[1:]))
-    print(write(res, Path(out), pairs=[tuple(p) for p in pairs]))
+    densities = [float(m.split()[1]) for m in order if m.startswith("mixattn ") and f"uniform {m.split()[1]}" in order]
+    lines = verdicts(res, densities) if densities else None  # the issue's targets, where the labels allow
+    print(write(res, Path(out), pairs=[tuple(p) for p in pairs], verdicts=lines))
 
 
 if __name__ == "__main__":

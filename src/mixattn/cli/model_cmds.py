@@ -12,7 +12,8 @@ def cmd_generate(a) -> int:
 
     from .. import load, load_tokenizer
 
-    model, tok = load(a.checkpoint, getattr(a, "dtype", "float32")), load_tokenizer(a.checkpoint)
+    model = load(a.checkpoint, getattr(a, "dtype", "float32"), packed=a.packed)
+    tok = load_tokenizer(a.checkpoint)
     ids = torch.tensor([tok.encode(a.prompt)])
     if ids.shape[1] + a.max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"--max-new-tokens {a.max_new_tokens} after a {ids.shape[1]}-token prompt exceeds the model's "
