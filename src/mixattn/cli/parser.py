@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=positive_int)
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--packed", action="store_true",
-                   help="prepack the weights for oneDNN: faster CPU decoding, the weights' bytes again in memory")
+                   help="keep oneDNN-prepacked weights (CPU inference; the weights' bytes again in memory)")
     _add_dtype(p, "inference dtype")
     p.add_argument("--prefill-chunk", type=positive_int, help="run the prompt this many tokens at a time")
 
