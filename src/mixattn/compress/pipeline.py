@@ -224,28 +224,32 @@ def baseline(source, kind: str, density: float, length: int, sink: int = 64, mod
     window" plan) or dense, sized for ``length``."""
     if kind not in BASELINES:
         raise ValueError(f"unknown baseline {kind!r}; valid: {', '.join(BASELINES)}")
-    if kind == "duo-gradient":
+    if kind == "duo-gradient" and scores is None:
         if profile is None:
             raise ValueError("the duo-gradient baseline needs the gradient profile of a compress run")
-        streaming = HeadRule(profiling.SINK, float(profiling.LOCAL), 0.0)
-        loss = optimize.loss_matrix(profile, [streaming])[:, 0]
-        L, H = profile.influence[profile.lengths[0]].shape[:2]
-        plan = Plan.duo(loss.reshape(L, H).tolist(), density, length, sink,
-                        duo_window(density, length, sink, profiling.LOCAL), model_name=str(source),
-                        profile_lengths=(length,))  # fmt: skip
-        plan.meta["method"] = "duo-gradient"
-        return plan
-    if model is None:
+        scores = gradient_scores(profile)
+    if model is None and kind != "duo-gradient":
         model, tok = load_model(source)
-    L, H = model.cfg.num_layers, model.cfg.num_kv_heads
     kw = {"model_name": str(source), "profile_lengths": (length,)}
     if kind == "dense":
-        return Plan.dense(L, H, **kw)
+        return Plan.dense(model.cfg.num_layers, model.cfg.num_kv_heads, **kw)
     if kind == "uniform":
-        return Plan.uniform(L, H, density, length, sink, **kw)
+        return Plan.uniform(model.cfg.num_layers, model.cfg.num_kv_heads, density, length, sink, **kw)
     if scores is None:
         scores = mass_scores(model, tok)
-    return Plan.duo(scores, density, length, sink, duo_window(density, length, sink), **kw)
+    plan = Plan.duo(scores, density, length, sink, duo_window(density, length, sink), **kw)
+    if kind == "duo-gradient":
+        plan.meta["method"] = "duo-gradient"
+    return plan
+
+
+def gradient_scores(profile: profiling.Profile) -> list:
+    """(layers, KV heads) ranking of the duo-gradient baseline: each head's profiled loss under a
+    sink + local rule (the heads a streaming rule hurts most stay full)."""
+    streaming = HeadRule(profiling.SINK, float(profiling.LOCAL), 0.0)
+    loss = optimize.loss_matrix(profile, [streaming])[:, 0]
+    L, H = profile.influence[profile.lengths[0]].shape[:2]
+    return loss.reshape(L, H).tolist()
 
 
 def profile_for(source, plan: Plan, corpora=CORPORA) -> profiling.Profile:
@@ -286,10 +290,12 @@ def matched(source, kind: str, reference: Plan, lengths, model=None, tok=None, s
     uniform; within half a head's share for duo): equal-density baselines at every eval length."""
     if model is None and kind != "duo-gradient":
         model, tok = load_model(source)
-    if kind == "duo" and scores is None:
+    if kind == "duo" and scores is None:  # the ranking once, for every length
         scores = mass_scores(model, tok)
+    if kind == "duo-gradient" and scores is None and profile is not None:
+        scores = gradient_scores(profile)
     out = {}
     for L in lengths:
         N = L + slack
-        out[L] = baseline(source, kind, reference.density([N]), N, model=model, tok=tok, scores=scores, profile=profile)
+        out[L] = baseline(source, kind, reference.density([N]), N, model=model, tok=tok, scores=scores)
     return out
