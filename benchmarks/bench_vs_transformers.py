@@ -97,6 +97,15 @@ def run_ours(model, ids, steps, repeats):
     return best, statistics.median(times), torch.stack(toks, 1)
 
 
+def variants(model, packed: bool):
+    """Row-label suffixes, with ``model`` plain for "" and prepacked for ", packed" (then plain again)."""
+    yield ""
+    if packed:
+        pack(model)
+        yield ", packed"
+        unpack(model)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="2048,4096", help="prompt lengths; add 8192 for the long row (slow)")
@@ -138,25 +147,19 @@ def main():
                 ids = prompts(tok, T, B)
                 res = {"transformers (sdpa, DynamicCache)": run_hf(hf, ids, a.steps, a.repeats)}
                 extra = {} if a.no_uniform else {f"uniform {a.density}": plan}
-                for suffix in ("", ", packed") if a.packed else ("",):
-                    if suffix:
-                        pack(ours)
+                for suffix in variants(ours, a.packed):
                     remove_plan(ours)
                     res[f"mixattn dense{suffix}"] = run_ours(ours, ids, a.steps, a.repeats)
                     for label, p in {**extra, **plan_files(a.plan_file)}.items():
                         apply_plan(ours, p)
                         res[f"mixattn + {label}{suffix}"] = run_ours(ours, ids, a.steps, a.repeats)
                         remove_plan(ours)
-                    unpack(ours)
                 hp, hd, htok = res["transformers (sdpa, DynamicCache)"]
                 for name, (p, d, toks) in res.items():
                     rows.append([T, B, name, f"{p:.2f}", f"{B / d:.2f}", f"**{hp / p:.2f}x**", f"**{hd / d:.2f}x**",
                                  f"{int((toks == htok).sum())}/{toks.numel()}"])  # fmt: skip
-                for suffix in ("", ", packed") if a.packed else ("",):  # weights only: the decode ceiling
-                    if suffix:
-                        pack(ours)
+                for suffix in variants(ours, a.packed):  # weights only: the decode ceiling
                     _, d, _ = run_ours(ours, ids[:, :16], a.steps, 1)
-                    unpack(ours)
                     rows.append([T, B, f"mixattn dense{suffix}, 16-token context (ceiling)", "-", f"{B / d:.2f}", "-",
                                  f"**{hd / d:.2f}x**", "-"])  # fmt: skip
                 print(f"T={T} B={B} done", file=sys.stderr, flush=True)

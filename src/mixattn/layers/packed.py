@@ -4,8 +4,9 @@ A decode step multiplies one row per sequence by every weight matrix, so it is b
 weights stream through the matmul. ``F.linear`` hands oneDNN the plain (out, in) weight on every
 call; prepacking it once into oneDNN's blocked layout (the path ``torch.compile`` takes with
 ``freezing``) lets the kernel stream it directly. Measured on an AMD EPYC with AVX512_BF16, one
-thread, 60 matrices of 1536 x 576: bf16 at 1 row 1.6x, bf16 and fp32 at 4 rows 2.1-2.2x, fp32 at 1
-row 1.05x, a 1024-row prefill 1.05-1.13x (``benchmarks/bench_vs_transformers.py --packed``).
+thread, the matmuls of one SmolLM2-135M step (``benchmarks/bench_packed.py``): bf16 1.4-1.6x at 1 row
+and 1.9-2.1x at 4 rows, fp32 1.05-1.45x, a 1024-row prefill chunk 1.07-1.12x; the whole model:
+``benchmarks/bench_vs_transformers.py --packed``.
 
 ``PackedLinear`` is an ``nn.Linear`` (same parameters, same state-dict keys, tied weights stay
 tied) that also holds the packed copy. It uses the copy only where the plain product would give the
@@ -45,16 +46,16 @@ class PackedLinear(nn.Linear):
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
         except RuntimeError:
             return False
-        self._packed = (packed, w.dtype, w._version, w.data_ptr())
+        self._packed = (packed, w._version, w.data_ptr())
         return True
 
     def _fast(self, x: torch.Tensor) -> bool:
         p = getattr(self, "_packed", None)
-        if p is None or x.device.type != "cpu" or x.dtype != p[1]:
+        if p is None or x.device.type != "cpu" or x.dtype != self.weight.dtype:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return False
-        return self.weight._version == p[2] and self.weight.data_ptr() == p[3]  # not modified or moved since
+        return self.weight._version == p[1] and self.weight.data_ptr() == p[2]  # not modified, moved or recast since
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x):
@@ -63,8 +64,9 @@ class PackedLinear(nn.Linear):
 
 
 def pack(model: nn.Module) -> int:
-    """Turn every CPU ``nn.Linear`` of ``model`` into a ``PackedLinear`` in place (the packed copy is
-    taken now: cast the model first). Returns how many were packed (0 where torch lacks the ops)."""
+    """Turn every ``nn.Linear`` of ``model`` into a ``PackedLinear`` in place; those on the CPU in fp32
+    or bf16 get their packed copy now (cast the model first). Returns how many were packed (0 where
+    torch lacks the ops)."""
     if not _ops_available():
         return 0
     n = 0
