@@ -81,8 +81,9 @@ def cmd_eval(a) -> int:
         raise ValueError(f"--out {a.out} is a file; a folder is expected")
     from ..models.dtype import cast
 
+    given = [Path(p).stem for p in a.plan]
     needs_profile = any(kind == "duo-gradient" for kind, _ in specs)  # found before the model loads
-    profiles = {Path(p).stem: profile_for(a.model, plans[Path(p).stem]) for p in a.plan} if needs_profile else {}
+    profiles = {name: profile_for(a.model, plans[name]) for name in given} if needs_profile else {}
     model, tok = load_model(a.model)
     cast(model, a.dtype)
     for name, plan in plans.items():  # before any prompt is built or any pass runs
@@ -92,7 +93,6 @@ def cmd_eval(a) -> int:
             except ValueError as e:
                 raise ValueError(f"--plan {name}: {e}") from None
     scores = mass_scores(model, tok) if any(kind == "duo" for kind, _ in specs) else None  # once, not per length
-    given = [Path(p).stem for p in a.plan]
     ref = [] if a.no_dense else ["dense"]
     pairs = [(name, r) for name in given for r in ref]  # every plan against dense, and against its own baselines
     for kind, d in specs:
