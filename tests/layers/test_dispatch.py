@@ -25,14 +25,15 @@ CASES = [  # B, H, Hkv, Tq, Tk, Dv, q_offset, left_pad
 ]
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "matmul", "auto"])
 @pytest.mark.parametrize("B,H,Hkv,Tq,Tk,Dv,off,pad", CASES)
-def test_dense_attention_sdpa_matches_the_reference_outputs_and_grads(B, H, Hkv, Tq, Tk, Dv, off, pad):
+def test_dense_attention_impls_match_the_reference_outputs_and_grads(B, H, Hkv, Tq, Tk, Dv, off, pad, impl):
     g = torch.Generator().manual_seed(B * 100 + Tq)
     q = torch.randn(B, H, Tq, 8, generator=g, requires_grad=True)
     k = torch.randn(B, Hkv, Tk, 8, generator=g, requires_grad=True)
     v = torch.randn(B, Hkv, Tk, Dv, generator=g, requires_grad=True)
     pad = None if pad is None else torch.tensor(pad)
-    a = kernels.get("attention", "sdpa")(q, k, v, off, pad)
+    a = kernels.get("attention", impl)(q, k, v, off, pad)
     b = kernels.get("attention", "reference")(q, k, v, off, pad)
     assert_fp_close(a, b, terms=Tk * 8)
     for ga, gb in zip(grads(a, [q, k, v]), grads(b, [q, k, v])):

@@ -81,7 +81,7 @@ def test_flex_does_not_recompile_for_new_lengths_or_rules():
 
 @pytest.mark.parametrize("B,H,Hkv,T,sinks,spans,pad", CASES)
 @pytest.mark.parametrize("extra", [1, 6])
-@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+@pytest.mark.parametrize("impl", ["sdpa", "matmul", "auto", "reference"])
 def test_ragged_cache_decode_matches_reference(B, H, Hkv, T, sinks, spans, pad, extra, impl):
     """Prefill a (left-padded) prompt, then decode one query at a time past every window: each step
     equals the reference's row for that position (heads of unequal capacity are regrouped)."""

@@ -86,18 +86,25 @@ def enabled() -> bool:
     return os.environ.get("MIXATTN_AUTOTUNE", "1") != "0"
 
 
+MIN_TIMED_S = 0.005  # a call shorter than this is repeated until the timed total reaches it
+
+
 def _time(fn: Callable[[], object], cuda: bool) -> float:
-    """Seconds of one call after a warm-up (compilation, allocator, caches). On a CPU this is the
-    process's CPU time: wall time on a machine shared with other jobs mostly measures the other jobs."""
+    """Seconds per call after a warm-up (compilation, allocator, caches); calls shorter than
+    ``MIN_TIMED_S`` (decode steps: ~0.1 ms) are repeated so that one scheduler tick cannot decide.
+    On a CPU this is the process's CPU time: wall time on a machine shared with other jobs mostly
+    measures the other jobs."""
     clock = time.perf_counter if cuda else time.process_time
     fn()
-    if cuda:
-        torch.cuda.synchronize()
-    t = clock()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return clock() - t
+    calls, t = 0, clock()
+    while True:
+        fn()
+        calls += 1
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = clock() - t
+        if elapsed >= MIN_TIMED_S or calls >= 100:
+            return elapsed / calls
 
 
 def choose(op: str, bucket: tuple, candidates: dict[str, Callable[[], torch.Tensor]], like: torch.Tensor) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import register
+from . import decode, register
 from .reference import masked_attention
 
 
@@ -52,7 +52,13 @@ def ragged_attention_sdpa(q_BH1D, groups, perm=None, row_len=None) -> torch.Tens
     """q (B, H, 1, D); groups: [(k, v) each (B, heads, n, D)] in buffer order; perm: (order,
     inverse) head index tensors when the buffer order is not the head order; row_len (B,) | None:
     valid slots per row (left padding). -> (B, H, 1, D)."""
-    return _decode(_sdpa, q_BH1D, groups, perm, row_len)
+    return _decode(decode.sdpa_attention, q_BH1D, groups, perm, row_len)
+
+
+@register("ragged_attention", "matmul")
+def ragged_attention_matmul(q_BH1D, groups, perm=None, row_len=None) -> torch.Tensor:
+    """``ragged_attention_sdpa``'s contract by two GEMMs per group (``decode.matmul_attention``)."""
+    return _decode(decode.matmul_attention, q_BH1D, groups, perm, row_len)
 
 
 @register("ragged_attention", "reference")
@@ -60,7 +66,18 @@ def ragged_attention_reference(q_BH1D, groups, perm=None, row_len=None) -> torch
     return _decode(masked_attention, q_BH1D, groups, perm, row_len)
 
 
-register("ragged_attention", "auto")(ragged_attention_sdpa)
+@register("ragged_attention", "auto")
+def ragged_attention_auto(q_BH1D, groups, perm=None, row_len=None) -> torch.Tensor:
+    """The faster of ``sdpa`` and ``matmul`` on this machine for this shape (``decode.choose``)."""
+    args = (q_BH1D, groups, perm, row_len)
+    if q_BH1D.requires_grad and torch.is_grad_enabled():
+        return ragged_attention_sdpa(*args)
+    n = max((k.shape[2] for k, _ in groups), default=0)
+    name = decode.choose("ragged_attention", q_BH1D, n, lambda impl: IMPLS[impl](*args))
+    return IMPLS[name](*args)
+
+
+IMPLS = {"sdpa": ragged_attention_sdpa, "matmul": ragged_attention_matmul}
 
 
 def _chunk(attn, q_BHTD, k_BKTD, v_BKTD, kept, sink, span, L) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import register
+from . import decode, register
 
 
 def causal_mask(Tq: int, Tk: int, q_offset: int = 0, left_pad=None, device=None) -> torch.Tensor:
@@ -58,4 +58,33 @@ def causal_sdpa(
     return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, attn_mask=mask_QT, enable_gqa=gqa)
 
 
-register("attention", "auto")(causal_sdpa)  # the fused kernel is the fast path on every device
+def _one_query(impl: str, q_BHQD, k_BKTD, v_BKTD) -> torch.Tensor:
+    """A single decode query that sees every key, by ``decode.ATTN[impl]``, GQA on the query axis."""
+    B, H, _, D = q_BHQD.shape
+    Hkv = k_BKTD.shape[1]
+    o_BKGV = decode.ATTN[impl](q_BHQD.reshape(B, Hkv, H // Hkv, D), k_BKTD, v_BKTD)
+    return o_BKGV.reshape(B, H, 1, v_BKTD.shape[-1])
+
+
+@register("attention", "matmul")
+def causal_matmul(q_BHQD, k_BKTD, v_BKTD, q_offset: int = 0, left_pad=None) -> torch.Tensor:
+    """``causal_sdpa``'s contract; a single unpadded decode query runs as two GEMMs
+    (``decode.matmul_attention``), everything else as ``causal_sdpa``."""
+    if _single_query(q_BHQD, k_BKTD, q_offset, left_pad):
+        return _one_query("matmul", q_BHQD, k_BKTD, v_BKTD)
+    return causal_sdpa(q_BHQD, k_BKTD, v_BKTD, q_offset, left_pad)
+
+
+def _single_query(q_BHQD, k_BKTD, q_offset, left_pad) -> bool:
+    return q_BHQD.shape[2] == 1 and q_offset == k_BKTD.shape[2] - 1 and (left_pad is None or not bool(left_pad.any()))
+
+
+@register("attention", "auto")
+def causal_auto(q_BHQD, k_BKTD, v_BKTD, q_offset: int = 0, left_pad=None) -> torch.Tensor:
+    """The fused kernel, except a single decode query without gradients, which takes the faster of
+    ``sdpa`` and ``matmul`` on this machine for its shape (``decode.choose``)."""
+    if not _single_query(q_BHQD, k_BKTD, q_offset, left_pad) or (q_BHQD.requires_grad and torch.is_grad_enabled()):
+        return causal_sdpa(q_BHQD, k_BKTD, v_BKTD, q_offset, left_pad)
+    run = {"sdpa": causal_sdpa, "matmul": causal_matmul}
+    args = (q_BHQD, k_BKTD, v_BKTD, q_offset, left_pad)
+    return run[decode.choose("attention", q_BHQD, k_BKTD.shape[2], lambda impl: run[impl](*args))](*args)
