@@ -139,3 +139,23 @@ def test_full_elastic_candidate_keeps_its_density_at_lengths_past_the_profile():
         assert max(plan.density([n]) for n in (N, 4 * N)) <= 0.6 + 1e-9, label
     # elastic rules hold their share of N: the density falls only by the sink's share
     assert elastic.density([4 * N]) >= elastic.density([N]) - 64 / N
+
+
+def test_rank_candidates_follow_the_influence_where_the_copy_term_disagrees():
+    """Head 0 carries the long-range gradient influence, head 1 the copy attention, and the budget
+    keeps one head whole: the copy-weighted candidates keep head 1, the influence-ranked ones (the
+    duo-gradient shape) head 0."""
+    from mixattn.compress.pipeline import candidates
+
+    N, nb = 512, 8
+    infl, copy = (torch.zeros(1, 2, nb, nb, dtype=torch.float64) for _ in range(2))
+    infl[0, :, nb - 1, nb - 1], copy[0, :, nb - 1, nb - 1] = 3.0, 1.0  # equal local parts on both heads
+    infl[0, 0, nb - 1, 1] = 1.0  # the long-range parts, past the 64-token sink: influence on head 0 ...
+    copy[0, 1, nb - 1, 1] = 3.0  # ... and copy attention on head 1, the larger term after scaling
+    prof = profiling.Profile((N,), {N: infl}, {N: 1}, copy={N: copy})
+    plans = candidates(prof, 0.7, (N, 4 * N), None, "m")
+    for shape in ("window", "elastic"):
+        # the head kept whole at N (full, or a 448 window, which is whole at 512 and cheaper further out)
+        full = [h for h in (0, 1) if plans[f"full+{shape}"].layers[0][h].density(N) > 0.95]
+        rank = [h for h in (0, 1) if plans[f"rank+{shape}"].layers[0][h].density(N) > 0.95]
+        assert (full, rank) == ([1], [0]), shape

@@ -115,7 +115,12 @@ def candidates(prof, density: float, budget_lengths, max_rules_per_layer, name: 
       heads ranked by what the profile says they retrieve), with the budget met at every length;
     - ``full+elastic``: the same with elastic windows only (sink 64 + beta N): every head still sees a
       fixed share of the context at lengths far past the profile, where fixed short windows starve
-      next-token prediction, and the plan's density stays at the budget instead of drifting down.
+      next-token prediction, and the plan's density stays at the budget instead of drifting down;
+    - ``rank+window``, ``rank+elastic``: the same two shapes chosen by the gradient influence alone,
+      without the copy term: the profile-ranked "top heads full, rest streaming" plan of the
+      duo-gradient baseline, so the validation can pick it where the copy attention misleads
+      (the two objectives keep different heads full: on SmolLM2 the copy term favours late layers,
+      the influence early ones).
     """
     out = {}
     kw = {"model_name": name, "budget_lengths": budget_lengths}
@@ -127,11 +132,13 @@ def candidates(prof, density: float, budget_lengths, max_rules_per_layer, name: 
         streaming = [HeadRule(64, float(w), 0.0) for w in STREAMING_WINDOWS]
         streaming += [HeadRule(64, 0.0, b) for b in STREAMING_BETAS]
         elastic = [HeadRule(64, 0.0, b) for b in ELASTIC_BETAS]
-        for label, rules in (("full+window", streaming), ("full+elastic", elastic)):
-            try:
-                out[label] = optimize.optimize(prof, density, rules=[DENSE, *rules], copy_weight=1.0, **kw)
-            except ValueError:  # even the sparsest rule is above the budget at a short length
-                pass
+        for shape, rules in (("window", streaming), ("elastic", elastic)):
+            for prefix, copy_weight in (("full", 1.0), ("rank", 0.0)):
+                try:
+                    out[f"{prefix}+{shape}"] = optimize.optimize(prof, density, rules=[DENSE, *rules],
+                                                                 copy_weight=copy_weight, **kw)  # fmt: skip
+                except ValueError:  # even the sparsest rule is above the budget at a short length
+                    pass
     for label, plan in out.items():
         plan.meta["candidate"] = label
     return out
