@@ -4,10 +4,13 @@ selection of the candidate by generation hits."""
 
 import math
 
+import pytest
 import torch
 
+import mixattn
 from mixattn.compress import optimize as optimize_mod
 from mixattn.compress import profile as profiling
+from mixattn.compress import select
 from mixattn.compress.calibration import CalibSample
 from mixattn.compress.optimize import optimize
 from mixattn.compress.plan import DENSE, HeadRule, Plan
@@ -82,7 +85,8 @@ def test_validation_prefers_retrieval_hits_over_answer_loss(monkeypatch):
     applied = []
     monkeypatch.setattr("mixattn.compress.apply.apply_plan", lambda m, p: applied.append(p))
     monkeypatch.setattr("mixattn.compress.apply.remove_plan", lambda m: None)
-    monkeypatch.setattr("mixattn.compress.calibration.retrieves", lambda m, tok, s: applied[-1] is sparse)
+    real = select.loss_and_hit
+    monkeypatch.setattr(select, "loss_and_hit", lambda m, tok, s: (real(m, None, s)[0], tok and applied[-1] is sparse))
     chosen, scores = select_by_validation(model, [dense, sparse], val, tok=object())
     assert chosen is sparse and scores["hits"] == [0, 1] and scores["ppl"] is None
     chosen, scores = select_by_validation(model, [dense, sparse], val)  # no tokenizer: loss only
@@ -159,3 +163,32 @@ def test_rank_candidates_follow_the_influence_where_the_copy_term_disagrees():
         full = [h for h in (0, 1) if plans[f"full+{shape}"].layers[0][h].density(N) > 0.95]
         rank = [h for h in (0, 1) if plans[f"rank+{shape}"].layers[0][h].density(N) > 0.95]
         assert (full, rank) == ([1], [0]), shape
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_loss_and_hit_from_one_prefill_equals_a_full_forward_and_a_fresh_generation(own):
+    """The answer loss teacher-forced through a copy of the prompt's cache equals the loss of one full
+    forward at the same reference length, and the greedy hit equals ``calibration.retrieves``
+    (a separate ``generate``), under a sparse plan whose windows the answer runs past."""
+    from mixattn.compress.apply import apply_plan
+    from mixattn.compress.calibration import retrieves
+    from mixattn.data.tasks import Sample
+
+    torch.manual_seed(0)
+    model = MixtureLM(PRESETS["tiny"].evolve(max_seq_len=512)).float().eval()
+    tok = mixattn.ByteTokenizer()
+    apply_plan(model, Plan.uniform(model.cfg.num_layers, model.cfg.num_kv_heads, 0.3, 160, 4))
+    prompt = torch.randint(0, 256, (140,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        gen = model.generate(prompt[None], 6)[0, 140:]  # the model's own answer: its greedy tokens
+    answers = (tok.decode(gen[:3].tolist()),) if own else ("\x00never",)
+    ids = torch.cat([prompt, gen])
+    mask = torch.zeros(len(ids), dtype=torch.bool)
+    mask[139:-1] = True
+    s = CalibSample(ids, mask, 160, own=own, source=Sample(prompt.tolist(), answers, prompt.tolist(), gen.tolist(), {}))
+    loss, hit = select.loss_and_hit(model, tok, s)
+    with torch.no_grad():
+        logits = model(ids[None], ref_len=140 + 16).logits[0, :-1]
+    want = float(torch.nn.functional.cross_entropy(logits[mask[:-1]], ids[1:][mask[:-1]]))
+    assert abs(loss - want) <= 1e-5 * max(1.0, want)
+    assert hit == (retrieves(model, tok, s.source) if own else None) and (hit is True or not own)

@@ -329,3 +329,25 @@ def test_the_perplexity_guard_defaults_to_the_validation_length_and_0_turns_it_o
     # validation prompts are the tasks whose greedy hits can be counted (passkey, multikey)
     assert seen == [(1024, 1025, {"passkey", "multikey"}), (0, None, {"passkey", "multikey"}),
                     (768, 769, {"passkey", "multikey"})]  # fmt: skip
+
+
+def test_eval_resumes_from_its_journal_and_restart_discards_it(tmp_path, monkeypatch, capsys):
+    """A second run into the same --out reads every finished prompt back (no model call) and says so;
+    --restart scores them again; the results are the same either way."""
+    from mixattn.eval import retrieval
+
+    src = _saved_tiny(tmp_path)
+    args = ["eval", str(src), "--tasks", "passkey,ppl", "--lengths", "256", "--depths", "0.5", "--out", str(tmp_path / "e")]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "e" / "results.json").read_text())
+    calls = []
+    real = retrieval.score
+    monkeypatch.setattr(retrieval, "score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    capsys.readouterr()
+    assert main(args) == 0 and calls == []
+    assert "resuming: 2 finished" in capsys.readouterr().out  # one prompt, one perplexity
+    again = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert again["retrieval"] == first["retrieval"] and again["ppl"] == first["ppl"]
+    assert main([*args, "--restart"]) == 0 and len(calls) == 1
+    assert main([*args, "--dtype", "bfloat16"]) == 2  # the journal is fp32's
+    assert "is the journal of another run" in capsys.readouterr().err

@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the dense reference (prompts are seeded: merge with an earlier run's dense rows)")
     p.add_argument("--only-baselines", action="store_true",
                    help="evaluate the baselines only; each --plan just sizes its KIND:match baselines")
+    p.add_argument("--restart", action="store_true",
+                   help="discard --out's journal of finished prompts (by default a rerun resumes from it)")
     p.add_argument("--out", required=True)
 
     p = add("plan", "show a plan (summary + heatmap), build a baseline plan, or import / export MoA and "

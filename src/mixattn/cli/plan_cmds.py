@@ -109,8 +109,21 @@ def cmd_eval(a) -> int:
         plans = {k: v for k, v in plans.items() if k not in given}
         pairs = [(x, y) for x, y in pairs if x not in given and y not in given]
     with locked(a.out):  # one writer per results folder
+        journal_path = Path(a.out) / "journal.jsonl"
+        if a.restart:
+            journal_path.unlink(missing_ok=True)
+        from .. import __version__
+        from ..compress.pipeline import model_file
+        from ..eval.journal import Journal
+        from ..paths import content_digest
+
+        header = {"model": str(a.model), "content": content_digest(model_file(a.model)), "dtype": a.dtype,
+                  "mixattn": __version__}  # fmt: skip
+        journal = Journal(journal_path, header)
+        if len(journal):
+            print(f"resuming: {len(journal)} finished prompts / perplexities read from {journal_path} (--restart to discard)")
         res = evaluate(model, tok, plans, task_names, lengths, depths, samples, ppl_windows=ppl_windows,
-                       speed_context=max(lengths))  # fmt: skip
+                       speed_context=max(lengths), journal=journal)  # fmt: skip
         table = write(res, Path(a.out), pairs=pairs or None)
     print(table)
     print(f"\nresults: {a.out}/results.md, results.json, *.png")

@@ -12,6 +12,7 @@ The plan is the only artifact passed from profiling to optimisation to applicati
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -134,6 +135,11 @@ class Plan:
             if key in model and model[key] != want:
                 raise ValueError(f"{source}: model.{key}={model[key]} but the plan lists {want}")
         return cls(tuple(layers), model.get("name", ""), tuple(lengths), data.get("meta", {}))
+
+    def digest(self) -> str:
+        """16 hex chars of SHA-256 over the rules only (what changes a model's outputs; not the meta)."""
+        rules = [[(r.sink, r.alpha, r.beta) for r in layer] for layer in self.layers]
+        return hashlib.sha256(json.dumps(rules).encode()).hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file + rename): a failed save never leaves half a plan."""

@@ -15,6 +15,8 @@ is admissible the lowest perplexity ratio wins.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from tqdm.auto import tqdm
 
@@ -22,26 +24,65 @@ from .plan import Plan
 
 
 @torch.no_grad()
-def answer_scores(model, plans, samples, tok=None, progress: bool = False) -> tuple[list[float], list[int]]:
-    """(mean answer-token loss, retrieval hits) of each plan on held-out ``samples``; hits are counted
-    only with ``tok`` and on samples the dense model answered right (``own``) that carry their prompt."""
-    from .apply import apply_plan, remove_plan
+def loss_and_hit(model, tok, s, answer_tokens: int = 16) -> tuple[float, bool | None]:
+    """(mean answer-token loss, greedy hit or None) of one calibration sample from a single prefill of
+    its prompt: the answer is teacher-forced through a copy of the cache, and the greedy answer (up to
+    ``answer_tokens``, cut at EOS) continues from the cache itself. The hit is scored (RULER's rule)
+    only with ``tok``, on samples the dense model answered right (``own``) that carry their prompt;
+    the reference length is prompt + ``answer_tokens``, as in evaluation."""
+    from ..data.tasks import is_hit
+    from ..eval.retrieval import step_logits
     from .calibration import retrieves
 
-    keep = [s for s in samples if tok is not None and s.own and s.source is not None]
+    ids, m = s.ids.tolist(), s.answer_mask
+    T, P = len(ids), int(m.nonzero()[0]) + 1  # logits at P - 1 predict the first answer token
+    N = max(P + answer_tokens, T)
+    cache = model.new_cache(N)
+    first = model(s.ids[None, :P], cache, ref_len=N, logits_to_keep=1).logits[0, -1].float()
+    tf, logits, nll, count = copy.deepcopy(cache), first, 0.0, 0
+    for i in range(P - 1, T - 1):
+        if i >= P:
+            logits = step_logits(model, ids[i], tf, i, N)
+        if m[i]:
+            nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[i + 1])))
+            count += 1
+    del tf
+    if tok is None or not s.own or s.source is None:
+        return nll / count, None
+    if list(s.source.prompt_ids) != ids[:P]:  # the answer merged into the prompt's last token: generate anew
+        return nll / count, retrieves(model, tok, s.source, answer_tokens)
+    eos = getattr(tok, "eos_token_id", None)
+    out, logits = [], first
+    for i in range(answer_tokens):
+        nxt = int(logits.argmax())
+        if nxt == eos:
+            break
+        out.append(nxt)
+        if i + 1 < answer_tokens:
+            logits = step_logits(model, nxt, cache, P + i, N)
+    return nll / count, bool(out) and is_hit(tok.decode(out), s.source.answers)
+
+
+@torch.no_grad()
+def answer_scores(model, plans, samples, tok=None, progress: bool = False) -> tuple[list[float], list[int]]:
+    """(mean answer-token loss, retrieval hits) of each plan on held-out ``samples`` (``loss_and_hit``:
+    hits only with ``tok`` and on samples the dense model answered right that carry their prompt).
+    Candidates with identical rules are scored once."""
+    from .apply import apply_plan, remove_plan
+
+    done: dict[str, tuple[float, int]] = {}
     losses, hits = [], []
     for plan in tqdm(plans, desc="selection: held-out answers", disable=not progress):
-        apply_plan(model, plan)
-        try:
-            total = 0.0
-            for s in samples:  # each sample at its own length: the plan's reference length is the input's
-                logits = model(s.ids[None]).logits[0, :-1]
-                m = s.answer_mask[:-1]
-                total += float(torch.nn.functional.cross_entropy(logits[m].float(), s.ids[1:][m]))
-            losses.append(total / len(samples))
-            hits.append(sum(retrieves(model, tok, s.source) for s in keep))
-        finally:
-            remove_plan(model)
+        key = plan.digest()
+        if key not in done:
+            apply_plan(model, plan)
+            try:
+                scored = [loss_and_hit(model, tok, s) for s in samples]
+            finally:
+                remove_plan(model)
+            done[key] = (sum(x for x, _ in scored) / len(samples), sum(bool(h) for _, h in scored))
+        losses.append(done[key][0])
+        hits.append(done[key][1])
     return losses, hits
 
 

@@ -20,7 +20,7 @@ import torch
 from ..data.tasks import Sample, is_hit
 
 
-def _step(model, token: int, cache, pos: int, N: int) -> torch.Tensor:
+def step_logits(model, token: int, cache, pos: int, N: int) -> torch.Tensor:
     """Logits (V,) after feeding one token at position ``pos``."""
     return model(torch.tensor([[token]]), cache, start_pos=pos, ref_len=N).logits[0, -1].float()
 
@@ -52,7 +52,7 @@ def score(model, tok, sample: Sample, max_new_tokens: int = 16, stop_tokens=None
             if t >= C:
                 lp += float(torch.log_softmax(logits, -1)[joint[t]])
             if t + 1 < len(joint):
-                logits = _step(model, joint[t], tf_cache, t, N)
+                logits = step_logits(model, joint[t], tf_cache, t, N)
         del tf_cache
     else:  # the tokenizer merged prompt and answer differently: one full forward over the joint string
         all_logits = model(torch.tensor([joint[:-1]]), ref_len=N).logits[0].float()
@@ -66,7 +66,7 @@ def score(model, tok, sample: Sample, max_new_tokens: int = 16, stop_tokens=None
             break
         out.append(nxt)
         if i + 1 < max_new_tokens:
-            logits = _step(model, nxt, cache, P + i, N)
+            logits = step_logits(model, nxt, cache, P + i, N)
     model.train(was_training)
     text = tok.decode(out)
     return {"hit": is_hit(text, sample.answers), "generated": text, "logprob": lp,

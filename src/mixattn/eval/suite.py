@@ -21,6 +21,7 @@ from ..compress.apply import apply_plan, remove_plan
 from ..data import tasks
 from ..metrics.perplexity import window_nlls
 from . import retrieval, speed
+from .journal import plan_digest
 
 RETRIEVAL = tuple(t for t in tasks.TASKS if t != "passage")
 OTHER = ("ppl", "speed")
@@ -77,12 +78,14 @@ def build_prompts(model, tok, task_names, lengths, depths, samples: int, haystac
 
 def evaluate(model, tok, plans: dict, task_names, lengths, depths, samples: int = 1, haystack_corpus="shakespeare",
              ppl_corpus="shakespeare", ppl_windows: int = 2, ppl_lengths=None, speed_context: int = 4096,
-             speed_repeats: int = 3, seed: int = 0, out_dir=None, progress: bool = True, prompts=None) -> dict:  # fmt: skip
+             speed_repeats: int = 3, seed: int = 0, out_dir=None, progress: bool = True, prompts=None,
+             journal=None) -> dict:  # fmt: skip
     """``plans``: label -> None | Plan | {length: Plan}. Returns
     {"retrieval": [record...], "density": {label: {L: d}}, "ppl": {label: {L: {...}}}, "speed": {label: {...}}}.
 
     A retrieval record: method, task, length, depth, index, seed, prompt_len, ref_len, density, hit,
-    generated, logprob, answer_tokens.
+    generated, logprob, answer_tokens. ``journal`` (``journal.Journal``): retrieval scores and
+    perplexities already in it are read from it, new ones are added as they finish (resumable runs).
     """
     check_args(model, task_names, lengths, depths, samples)
     if prompts is None:
@@ -96,8 +99,14 @@ def evaluate(model, tok, plans: dict, task_names, lengths, depths, samples: int 
         for N in lengths:
             _apply(model, plan_at(plan, N))
             todo = [(k, s) for k, s in prompts.items() if k[1] == N]
+            digest = plan_digest(plan_at(plan, N))
             for (t, _, d, i), s in tqdm(todo, desc=f"{label} @{N}", disable=not progress):
-                r = retrieval.score(model, tok, s, tasks.MAX_NEW_TOKENS[t])
+                key = ["retrieval", digest, t, N, d, i, s.meta["seed"], haystack_corpus]
+                r = journal.get(key) if journal is not None else None
+                if r is None:
+                    r = retrieval.score(model, tok, s, tasks.MAX_NEW_TOKENS[t])
+                    if journal is not None:
+                        journal.put(key, r)
                 results["retrieval"].append({
                     "method": label, "task": t, "length": N, "depth": d, "index": i, "seed": s.meta["seed"],
                     "prompt_len": s.length, "density": density(plan_at(plan, N), r["ref_len"]), **r,
@@ -108,8 +117,14 @@ def evaluate(model, tok, plans: dict, task_names, lengths, depths, samples: int 
             stream = corpus_tokens(ppl_corpus, tok, max(ppl_lengths) * ppl_windows + 1)
             results["ppl"][label] = {}
             for N in ppl_lengths:
-                _apply(model, plan_at(plan, N))
-                results["ppl"][label][N] = window_nlls(model, stream, N, ppl_windows)
+                key = ["ppl", plan_digest(plan_at(plan, N)), N, ppl_windows, ppl_corpus]
+                got = journal.get(key) if journal is not None else None
+                if got is None:
+                    _apply(model, plan_at(plan, N))
+                    got = window_nlls(model, stream, N, ppl_windows)
+                    if journal is not None:
+                        journal.put(key, got)
+                results["ppl"][label][N] = got
         if "speed" in task_names:
             _apply(model, plan_at(plan, max(lengths)))  # the plan fitted nearest the speed context
             runs = [speed.measure(model, speed_context, warmup=256 if r == 0 else 0) for r in range(speed_repeats)]

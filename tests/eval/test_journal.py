@@ -1,0 +1,62 @@
+"""A resumable eval: finished prompts and perplexities are journaled and read back, not recomputed."""
+
+import json
+
+import pytest
+import torch
+
+from mixattn import ByteTokenizer
+from mixattn.compress.plan import Plan
+from mixattn.eval import retrieval, suite
+from mixattn.eval.journal import Journal, plan_digest
+from mixattn.models.config import PRESETS
+from mixattn.models.decoder import MixtureLM
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MixtureLM(PRESETS["tiny"].evolve(max_seq_len=1024)).float().eval()
+
+
+def _run(model, plans, journal):
+    return suite.evaluate(model, ByteTokenizer(), plans, ["passkey", "ppl"], [300], [0.5], 2, ppl_windows=2,
+                          progress=False, journal=journal)  # fmt: skip
+
+
+def test_a_rerun_reads_every_unit_back_and_recomputes_only_a_changed_plan(model, tmp_path, monkeypatch):
+    L, H = model.cfg.num_layers, model.cfg.num_kv_heads
+    plans = {"dense": None, "u": Plan.uniform(L, H, 0.5, 316)}
+    first = _run(model, plans, Journal(tmp_path / "j.jsonl", {"model": "tiny"}))
+    assert len(Journal(tmp_path / "j.jsonl", {"model": "tiny"})) == 2 * 2 + 2  # 2 prompts x 2 plans, 2 ppl
+    calls = []
+    real = retrieval.score
+    monkeypatch.setattr(retrieval, "score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = _run(model, plans, Journal(tmp_path / "j.jsonl", {"model": "tiny"}))
+    assert calls == [] and again["retrieval"] == first["retrieval"] and again["ppl"] == first["ppl"]
+    plans["u"] = Plan.uniform(L, H, 0.3, 316)  # same label, other rules: another digest, recomputed
+    _run(model, plans, Journal(tmp_path / "j.jsonl", {"model": "tiny"}))
+    assert len(calls) == 2
+
+
+def test_a_torn_last_line_is_dropped_and_that_unit_recomputed(model, tmp_path, monkeypatch):
+    path = tmp_path / "j.jsonl"
+    first = _run(model, {"dense": None}, Journal(path, {"model": "tiny"}))
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # killed mid-write
+    journal = Journal(path, {"model": "tiny"})
+    assert len(journal) == len(lines) - 2 and all(json.loads(x) for x in path.read_text().splitlines())
+    again = _run(model, {"dense": None}, journal)
+    assert again["retrieval"] == first["retrieval"] and again["ppl"] == first["ppl"]
+
+
+def test_a_journal_of_another_run_is_refused_by_name(tmp_path):
+    Journal(tmp_path / "j.jsonl", {"model": "a", "dtype": "float32"})
+    with pytest.raises(ValueError, match=r"j\.jsonl is the journal of another run.*--restart"):
+        Journal(tmp_path / "j.jsonl", {"model": "a", "dtype": "bfloat16"})
+
+
+def test_plan_digest_follows_the_rules_not_the_metadata():
+    a, b = Plan.uniform(2, 2, 0.5, 256), Plan.uniform(2, 2, 0.5, 256)
+    b.meta["note"] = "other"
+    assert plan_digest(a) == plan_digest(b) != plan_digest(Plan.uniform(2, 2, 0.4, 256)) and plan_digest(None) == "dense"
