@@ -96,14 +96,15 @@ def ppl_ratios(model, plans, stream: torch.Tensor, length: int, windows: int, pr
 
     remove_plan(model)
     dense = window_nlls(model, stream, length, windows)["nll"]
-    out = []
+    done: dict[str, dict] = {}  # candidates with identical rules are measured once
     for plan in tqdm(plans, desc=f"selection: perplexity at {length}", disable=not progress):
-        apply_plan(model, plan)
-        try:
-            out.append(paired_ratio(window_nlls(model, stream, length, windows)["nll"], dense))
-        finally:
-            remove_plan(model)
-    return out
+        if plan.digest() not in done:
+            apply_plan(model, plan)
+            try:
+                done[plan.digest()] = paired_ratio(window_nlls(model, stream, length, windows)["nll"], dense)
+            finally:
+                remove_plan(model)
+    return [done[plan.digest()] for plan in plans]
 
 
 def choose(losses, hits, ratios=None, ppl_tolerance: float = 0.05) -> int:
