@@ -192,3 +192,30 @@ def test_loss_and_hit_from_one_prefill_equals_a_full_forward_and_a_fresh_generat
     want = float(torch.nn.functional.cross_entropy(logits[mask[:-1]], ids[1:][mask[:-1]]))
     assert abs(loss - want) <= 1e-5 * max(1.0, want)
     assert hit == (retrieves(model, tok, s.source) if own else None) and (hit is True or not own)
+
+
+def test_validation_measures_perplexity_lazily_and_chooses_as_if_it_measured_all(monkeypatch):
+    """Perplexity is measured in choose()'s order until a candidate passes the guard: the choice equals
+    choose() on every candidate's ratio, and the candidates behind the first admissible one are skipped."""
+    plans = [Plan.uniform(2, 2, d, 256) for d in (0.3, 0.4, 0.5, 0.6)]
+    losses, hits = [0.1, 0.2, 0.3, 0.4], [2, 3, 3, 1]  # choose() order: 1, 2, 0, 3
+    monkeypatch.setattr(select, "answer_scores", lambda *a, **k: (losses, hits))
+    for ratios in ([1.2, 1.1, 1.03, 1.0], [1.02, 1.01, 1.2, 1.3], [1.3, 1.2, 1.1, 1.4]):
+        measured = []
+
+        def fake(model, plans_, stream, length, windows, progress=False, order=None, stop=None, ratios=ratios,
+                 measured=measured):
+            out = [None] * len(plans_)
+            for i in order:
+                measured.append(i)
+                out[i] = {"ratio": ratios[i]}
+                if stop(out[i]):
+                    break
+            return out
+
+        monkeypatch.setattr(select, "ppl_ratios", fake)
+        chosen, scores = select_by_validation(None, plans, [], None, torch.zeros(9), 4, ppl_tolerance=0.05)
+        assert chosen is plans[choose(losses, hits, ratios)]
+        first_ok = next(i for i in (1, 2, 0, 3) if ratios[i] <= 1.05) if min(ratios) <= 1.05 else None
+        want = [1, 2, 0, 3][: [1, 2, 0, 3].index(first_ok) + 1] if first_ok is not None else [1, 2, 0, 3]
+        assert measured == want and [r is not None for r in scores["ppl"]] == [i in want for i in range(4)]

@@ -37,11 +37,16 @@ def cmd_compress(a) -> int:
         guard = f" (perplexity at {v['ppl_length']} within {1 + v['ppl_tolerance']:.2f}x dense)" if ppl else ""
         print(f"chosen at {v['length']} tokens by retrieval hits on the {v.get('own_answers', 0)} of {v['samples']} "
               f"held-out prompts the dense model answers, then answer loss{guard}: "
-              + ", ".join(f"{k} {hits.get(k, 0)} hits / loss {x:.4f}" + (f" / ppl {ppl[k]:.3f}x" if k in ppl else "")
-                          for k, x in v["losses"].items())
+              + ", ".join(f"{k} {hits.get(k, 0)} hits / loss {x:.4f}" + _ppl_note(ppl.get(k)) for k, x in v["losses"].items())
               + f" -> {plan.meta['candidate']}")  # fmt: skip
     print(f"plan: {a.out} (heatmap {Path(a.out).with_suffix('.png')})")
     return 0
+
+
+def _ppl_note(ratio) -> str:
+    """" / ppl 1.012x" for a candidate whose perplexity was measured; selection skips those behind the
+    first candidate that passed the guard (``select.select_by_validation``)."""
+    return "" if ratio is None else f" / ppl {ratio:.3f}x"
 
 
 def cmd_eval(a) -> int:

@@ -58,9 +58,11 @@ def loss_and_hit(model, tok, s, answer_tokens: int = 16) -> tuple[float, bool | 
         if nxt == eos:
             break
         out.append(nxt)
+        if is_hit(tok.decode(out), s.source.answers):  # a hit cannot be undone by later tokens
+            return nll / count, True
         if i + 1 < answer_tokens:
             logits = step_logits(model, nxt, cache, P + i, N)
-    return nll / count, bool(out) and is_hit(tok.decode(out), s.source.answers)
+    return nll / count, False
 
 
 @torch.no_grad()
@@ -87,24 +89,33 @@ def answer_scores(model, plans, samples, tok=None, progress: bool = False) -> tu
 
 
 @torch.no_grad()
-def ppl_ratios(model, plans, stream: torch.Tensor, length: int, windows: int, progress: bool = False) -> list[dict]:
+def ppl_ratios(model, plans, stream: torch.Tensor, length: int, windows: int, progress: bool = False,
+               order=None, stop=None) -> list[dict | None]:  # fmt: skip
     """Each plan's perplexity over the dense model's on the same ``windows`` windows of ``length``
-    tokens of ``stream`` (T,): ``stats.paired_ratio`` dicts {"windows", "ratio", "lo", "hi", "a_higher"}."""
+    tokens of ``stream`` (T,): ``stats.paired_ratio`` dicts {"windows", "ratio", "lo", "hi", "a_higher"}.
+    Plans are measured in ``order`` (indices; default all, in turn) until ``stop(ratio dict)`` is true;
+    the unmeasured ones are None. Candidates with identical rules are measured once."""
     from ..metrics.perplexity import window_nlls
     from ..metrics.stats import paired_ratio
     from .apply import apply_plan, remove_plan
 
     remove_plan(model)
     dense = window_nlls(model, stream, length, windows)["nll"]
-    done: dict[str, dict] = {}  # candidates with identical rules are measured once
-    for plan in tqdm(plans, desc=f"selection: perplexity at {length}", disable=not progress):
-        if plan.digest() not in done:
-            apply_plan(model, plan)
+    done: dict[str, dict] = {}
+    out: list[dict | None] = [None] * len(plans)
+    for i in tqdm(list(range(len(plans)) if order is None else order), desc=f"selection: perplexity at {length}",
+                  disable=not progress):  # fmt: skip
+        key = plans[i].digest()
+        if key not in done:
+            apply_plan(model, plans[i])
             try:
-                done[plan.digest()] = paired_ratio(window_nlls(model, stream, length, windows)["nll"], dense)
+                done[key] = paired_ratio(window_nlls(model, stream, length, windows)["nll"], dense)
             finally:
                 remove_plan(model)
-    return [done[plan.digest()] for plan in plans]
+        out[i] = done[key]
+        if stop is not None and stop(out[i]):
+            break
+    return out
 
 
 def choose(losses, hits, ratios=None, ppl_tolerance: float = 0.05) -> int:
@@ -112,9 +123,9 @@ def choose(losses, hits, ratios=None, ppl_tolerance: float = 0.05) -> int:
     n = len(losses)
     if ratios is None:
         return min(range(n), key=lambda i: (-hits[i], losses[i]))
-    ok = [i for i in range(n) if ratios[i] <= 1 + ppl_tolerance]
+    ok = [i for i in range(n) if ratios[i] is not None and ratios[i] <= 1 + ppl_tolerance]
     if not ok:
-        return min(range(n), key=lambda i: ratios[i])
+        return min((i for i in range(n) if ratios[i] is not None), key=lambda i: ratios[i])
     return min(ok, key=lambda i: (-hits[i], losses[i]))
 
 
@@ -125,10 +136,18 @@ def select_by_validation(model, plans: list[Plan], samples, tok=None, ppl_stream
 
     ``samples``: held-out calibration samples (typically longer than any profile length);
     ``ppl_stream`` (T,) with ``ppl_length`` > 0: also rule out candidates whose perplexity at
-    ``ppl_length`` is over ``1 + ppl_tolerance`` times dense (``ppl_windows`` paired windows)."""
+    ``ppl_length`` is over ``1 + ppl_tolerance`` times dense (``ppl_windows`` paired windows).
+
+    Perplexity is measured in ``choose``'s order (most hits, then least loss) and stops at the first
+    admissible candidate, which is then ``choose``'s choice: the same plan as measuring every
+    candidate, at one perplexity pass instead of one per candidate when the leader passes the guard.
+    The unmeasured candidates' ratios are None."""
     losses, hits = answer_scores(model, plans, samples, tok, progress)
     ratios = None
     if ppl_stream is not None and ppl_length:
-        ratios = [r["ratio"] for r in ppl_ratios(model, plans, ppl_stream, ppl_length, ppl_windows, progress)]
+        order = sorted(range(len(plans)), key=lambda i: (-hits[i], losses[i]))
+        got = ppl_ratios(model, plans, ppl_stream, ppl_length, ppl_windows, progress, order,
+                         stop=lambda r: r["ratio"] <= 1 + ppl_tolerance)  # fmt: skip
+        ratios = [None if r is None else r["ratio"] for r in got]
     best = choose(losses, hits, ratios, ppl_tolerance)
     return plans[best], {"losses": losses, "hits": hits, "ppl": ratios}
