@@ -68,6 +68,11 @@ def gold(sample: tasks.Sample) -> tuple[torch.Tensor, int]:
     return torch.tensor(joint), start
 
 
+def step_logits(model, token: int, cache, pos: int, N: int) -> torch.Tensor:
+    """Logits (V,) after feeding one token at position ``pos``."""
+    return model(torch.tensor([[token]]), cache, start_pos=pos, ref_len=N).logits[0, -1].float()
+
+
 @torch.no_grad()
 def greedy_answer(model, tok, prompt_ids, answer_tokens: int = 16) -> torch.Tensor:
     """(n,) the model's greedy continuation of ``prompt_ids``, n <= ``answer_tokens``, cut at EOS (the

@@ -31,8 +31,7 @@ def loss_and_hit(model, tok, s, answer_tokens: int = 16) -> tuple[float, bool | 
     only with ``tok``, on samples the dense model answered right (``own``) that carry their prompt;
     the reference length is prompt + ``answer_tokens``, as in evaluation."""
     from ..data.tasks import is_hit
-    from ..eval.retrieval import step_logits
-    from .calibration import retrieves
+    from .calibration import retrieves, step_logits
 
     ids, m = s.ids.tolist(), s.answer_mask
     T, P = len(ids), int(m.nonzero()[0]) + 1  # logits at P - 1 predict the first answer token

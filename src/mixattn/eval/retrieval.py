@@ -17,12 +17,8 @@ import copy
 
 import torch
 
+from ..compress.calibration import step_logits
 from ..data.tasks import Sample, is_hit
-
-
-def step_logits(model, token: int, cache, pos: int, N: int) -> torch.Tensor:
-    """Logits (V,) after feeding one token at position ``pos``."""
-    return model(torch.tensor([[token]]), cache, start_pos=pos, ref_len=N).logits[0, -1].float()
 
 
 @torch.no_grad()
