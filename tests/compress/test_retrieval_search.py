@@ -219,3 +219,10 @@ def test_validation_measures_perplexity_lazily_and_chooses_as_if_it_measured_all
         first_ok = next(i for i in (1, 2, 0, 3) if ratios[i] <= 1.05) if min(ratios) <= 1.05 else None
         want = [1, 2, 0, 3][: [1, 2, 0, 3].index(first_ok) + 1] if first_ok is not None else [1, 2, 0, 3]
         assert measured == want and [r is not None for r in scores["ppl"]] == [i in want for i in range(4)]
+
+
+def test_loss_and_hit_names_a_sample_without_answer_positions():
+    model = MixtureLM(PRESETS["tiny"].evolve(max_seq_len=512)).float().eval()
+    s = CalibSample(torch.arange(20), torch.zeros(20, dtype=torch.bool), 20, task="passkey")
+    with pytest.raises(ValueError, match="passkey sample has no answer position"):
+        select.loss_and_hit(model, None, s)

@@ -34,6 +34,8 @@ def loss_and_hit(model, tok, s, answer_tokens: int = 16) -> tuple[float, bool | 
     from .calibration import retrieves, step_logits
 
     ids, m = s.ids.tolist(), s.answer_mask
+    if not bool(m[:-1].any()):
+        raise ValueError(f"a held-out {s.task or 'calibration'} sample has no answer position to score")
     T, P = len(ids), int(m.nonzero()[0]) + 1  # logits at P - 1 predict the first answer token
     N = max(P + answer_tokens, T)
     cache = model.new_cache(N)
