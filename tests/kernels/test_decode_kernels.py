@@ -20,7 +20,7 @@ def _case(B, H, Hkv, n, D=16, seed=0):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["sdpa", "matmul", "auto"])
 @pytest.mark.parametrize("B,H,Hkv,n", [(1, 9, 3, 700), (2, 4, 4, 33), (3, 6, 2, 1)])
 def test_dense_decode_within_the_rounding_bound(B, H, Hkv, n, impl, dtype):
@@ -32,7 +32,7 @@ def test_dense_decode_within_the_rounding_bound(B, H, Hkv, n, impl, dtype):
     assert_close_bound(out, want, rounding_bound(dtype, q, k, v))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["sdpa", "matmul", "auto"])
 def test_ragged_decode_within_the_rounding_bound(impl, dtype):
     """Heads of three capacities (a full head, a sink + window one, a short window), decoded past
