@@ -38,7 +38,8 @@ def matmul_attention(q_BKGD, k_BKnD, v_BKnD, mask=None) -> torch.Tensor:
     B, K, G, _ = q_BKGD.shape
     pairs = [(b, h) for b in range(B) for h in range(K)]
     s_BKGn = torch.stack([q_BKGD[b, h] @ k_BKnD[b, h].T for b, h in pairs]).view(B, K, G, -1)
-    s_BKGn = s_BKGn.float() * (1 / math.sqrt(q_BKGD.shape[-1]))
+    # the softmax in fp32 at least: bf16/fp16 scores go up to fp32, fp64 ones stay fp64
+    s_BKGn = s_BKGn.to(torch.promote_types(s_BKGn.dtype, torch.float32)) * (1 / math.sqrt(q_BKGD.shape[-1]))
     if mask is not None:
         s_BKGn = s_BKGn.masked_fill(~mask, float("-inf"))
     p_BKGn = s_BKGn.softmax(-1).to(v_BKnD.dtype)
