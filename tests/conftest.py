@@ -13,16 +13,24 @@ def _seed():
 
 @pytest.fixture(autouse=True, scope="session")
 def _kernel_choices(tmp_path_factory):
-    """The kernel autotuner's choices go to a file of this test session, not the user's cache: a test
-    must neither depend on another run's timings nor leave its own behind."""
+    """The kernel autotuner's choices go to a file of this test session, not the user's cache, and its
+    timing is off (``auto`` takes each op's first candidate): a test must neither depend on another
+    run's timings, nor on this machine's load, nor leave its own behind."""
     import os
 
-    if os.environ.get("MIXATTN_KERNEL_CHOICES"):
-        yield
-        return
-    os.environ["MIXATTN_KERNEL_CHOICES"] = str(tmp_path_factory.mktemp("kernels") / "kernel_choices.json")
+    set_here = []
+    if not os.environ.get("MIXATTN_KERNEL_CHOICES"):
+        os.environ["MIXATTN_KERNEL_CHOICES"] = str(tmp_path_factory.mktemp("kernels") / "kernel_choices.json")
+        set_here.append("MIXATTN_KERNEL_CHOICES")
+    # timing off: which kernel ``auto`` runs must not depend on the machine's load (a loaded run once
+    # picked a different decode kernel than an idle one); every implementation has its own tests, and
+    # the autotuner's tests turn timing back on
+    if "MIXATTN_AUTOTUNE" not in os.environ:
+        os.environ["MIXATTN_AUTOTUNE"] = "0"
+        set_here.append("MIXATTN_AUTOTUNE")
     yield
-    del os.environ["MIXATTN_KERNEL_CHOICES"]
+    for name in set_here:
+        del os.environ[name]
 
 
 def make_ctx(T: int, head_dim: int, offset: int = 0, cache=None, theta: float = 10000.0, kernels=None) -> AttnContext:
