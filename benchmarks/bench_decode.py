@@ -5,7 +5,7 @@
 The shapes are SmolLM2-135M's (3 KV heads, 3 query heads each, head dim 64); the keys are the
 first n of 8192 preallocated slots, as the caches hand them over (strided views). Each round calls
 every kernel ``--calls`` times in turn; the table gives medians over ``--rounds`` rounds of CPU time
-per call and of the per-round ratio. ``auto`` (``kernels.decode.choose``) keeps the faster per
+per call and of the per-round ratio. ``auto`` (``kernels.decode.fastest``) keeps the faster per
 shape bucket on the machine it runs on; this table shows why the choice is measured, not assumed.
 """
 

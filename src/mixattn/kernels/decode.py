@@ -17,6 +17,7 @@ Legend: B batch, K KV heads (of a group), G query heads per KV head, n keys, D h
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -24,8 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from . import autotune
-
-IMPLS = ("sdpa", "matmul")
 
 
 def matmul_attention(q_BKGD, k_BKnD, v_BKnD, mask=None) -> torch.Tensor:
@@ -54,9 +53,13 @@ def sdpa_attention(q_BKGD, k_BKnD, v_BKnD, mask=None) -> torch.Tensor:
 ATTN: dict[str, Callable] = {"sdpa": sdpa_attention, "matmul": matmul_attention}
 
 
-def choose(op: str, q: torch.Tensor, n: int, run: Callable[[str], torch.Tensor]) -> str:
-    """The faster of ``IMPLS`` for a decode call of ``op`` with q (B, H, 1, D) over at most ``n``
-    keys; ``run(name)`` performs the whole call with that implementation (timed on first use)."""
+def fastest(op: str, q: torch.Tensor, n: int, impls: dict[str, Callable], *args) -> torch.Tensor:
+    """``impls[name](*args)`` for the faster of ``impls`` ({"sdpa": ..., "matmul": ...}, each the
+    whole call of ``op``) on this machine, for q (B, H, 1, D) over at most ``n`` keys (timed on first
+    use per shape bucket); under autograd, ``sdpa``."""
+    if q.requires_grad and torch.is_grad_enabled():
+        return impls["sdpa"](*args)
     B, H, _, D = q.shape
     bucket = (B, H, D, 1 << max(n - 1, 0).bit_length())
-    return autotune.choose(op, bucket, {name: (lambda name=name: run(name)) for name in IMPLS}, q)
+    name = autotune.choose(op, bucket, {k: functools.partial(f, *args) for k, f in impls.items()}, q)
+    return impls[name](*args)

@@ -68,16 +68,10 @@ def ragged_attention_reference(q_BH1D, groups, perm=None, row_len=None) -> torch
 
 @register("ragged_attention", "auto")
 def ragged_attention_auto(q_BH1D, groups, perm=None, row_len=None) -> torch.Tensor:
-    """The faster of ``sdpa`` and ``matmul`` on this machine for this shape (``decode.choose``)."""
-    args = (q_BH1D, groups, perm, row_len)
-    if q_BH1D.requires_grad and torch.is_grad_enabled():
-        return ragged_attention_sdpa(*args)
+    """The faster of ``sdpa`` and ``matmul`` on this machine for this shape (``decode.fastest``)."""
     n = max((k.shape[2] for k, _ in groups), default=0)
-    name = decode.choose("ragged_attention", q_BH1D, n, lambda impl: IMPLS[impl](*args))
-    return IMPLS[name](*args)
-
-
-IMPLS = {"sdpa": ragged_attention_sdpa, "matmul": ragged_attention_matmul}
+    impls = {"sdpa": ragged_attention_sdpa, "matmul": ragged_attention_matmul}
+    return decode.fastest("ragged_attention", q_BH1D, n, impls, q_BH1D, groups, perm, row_len)
 
 
 def _chunk(attn, q_BHTD, k_BKTD, v_BKTD, kept, sink, span, L) -> torch.Tensor:

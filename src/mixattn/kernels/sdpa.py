@@ -49,21 +49,18 @@ def causal_sdpa(
     if q_offset == 0 and Tq == Tk:
         return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, is_causal=True, enable_gqa=gqa)
     if Tq == 1 and q_offset == Tk - 1:  # one decode query sees every key
-        B, H, _, D = q_BHQD.shape
-        Hkv = k_BKTD.shape[1]
-        # the query heads of a KV head ride on the query axis: no K/V expansion for GQA
-        o_BKGV = F.scaled_dot_product_attention(q_BHQD.reshape(B, Hkv, H // Hkv, D), k_BKTD, v_BKTD)
-        return o_BKGV.reshape(B, H, 1, v_BKTD.shape[-1])  # values may be narrower than D (graph routers)
+        return _one_query("sdpa", q_BHQD, k_BKTD, v_BKTD)
     mask_QT = causal_mask(Tq, Tk, q_offset, None, q_BHQD.device)
     return F.scaled_dot_product_attention(q_BHQD, k_BKTD, v_BKTD, attn_mask=mask_QT, enable_gqa=gqa)
 
 
 def _one_query(impl: str, q_BHQD, k_BKTD, v_BKTD) -> torch.Tensor:
-    """A single decode query that sees every key, by ``decode.ATTN[impl]``, GQA on the query axis."""
+    """A single decode query that sees every key, by ``decode.ATTN[impl]``: the query heads of a KV
+    head ride on the query axis (no K/V expansion for GQA)."""
     B, H, _, D = q_BHQD.shape
     Hkv = k_BKTD.shape[1]
     o_BKGV = decode.ATTN[impl](q_BHQD.reshape(B, Hkv, H // Hkv, D), k_BKTD, v_BKTD)
-    return o_BKGV.reshape(B, H, 1, v_BKTD.shape[-1])
+    return o_BKGV.reshape(B, H, 1, v_BKTD.shape[-1])  # values may be narrower than D (graph routers)
 
 
 @register("attention", "matmul")
@@ -82,9 +79,8 @@ def _single_query(q_BHQD, k_BKTD, q_offset, left_pad) -> bool:
 @register("attention", "auto")
 def causal_auto(q_BHQD, k_BKTD, v_BKTD, q_offset: int = 0, left_pad=None) -> torch.Tensor:
     """The fused kernel, except a single decode query without gradients, which takes the faster of
-    ``sdpa`` and ``matmul`` on this machine for its shape (``decode.choose``)."""
-    if not _single_query(q_BHQD, k_BKTD, q_offset, left_pad) or (q_BHQD.requires_grad and torch.is_grad_enabled()):
-        return causal_sdpa(q_BHQD, k_BKTD, v_BKTD, q_offset, left_pad)
-    run = {"sdpa": causal_sdpa, "matmul": causal_matmul}
+    ``sdpa`` and ``matmul`` on this machine for its shape (``decode.fastest``)."""
     args = (q_BHQD, k_BKTD, v_BKTD, q_offset, left_pad)
-    return run[decode.choose("attention", q_BHQD, k_BKTD.shape[2], lambda impl: run[impl](*args))](*args)
+    if not _single_query(q_BHQD, k_BKTD, q_offset, left_pad):
+        return causal_sdpa(*args)
+    return decode.fastest("attention", q_BHQD, k_BKTD.shape[2], {"sdpa": causal_sdpa, "matmul": causal_matmul}, *args)
