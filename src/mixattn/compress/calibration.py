@@ -73,6 +73,19 @@ def step_logits(model, token: int, cache, pos: int, N: int) -> torch.Tensor:
     return model(torch.tensor([[token]]), cache, start_pos=pos, ref_len=N).logits[0, -1].float()
 
 
+def greedy_steps(model, logits: torch.Tensor, cache, pos: int, N: int, max_new_tokens: int, stop_tokens=()):
+    """Greedy tokens continuing from ``logits`` (V,), the prediction for position ``pos``, through
+    ``cache`` (reference length ``N``), one at a time: up to ``max_new_tokens``, stopping before a
+    stop token. A generator, so a caller may stop early (the cache then holds only what was fed)."""
+    for i in range(max_new_tokens):
+        nxt = int(logits.argmax())
+        if nxt in stop_tokens:
+            return
+        yield nxt
+        if i + 1 < max_new_tokens:
+            logits = step_logits(model, nxt, cache, pos + i, N)
+
+
 @torch.no_grad()
 def greedy_answer(model, tok, prompt_ids, answer_tokens: int = 16) -> torch.Tensor:
     """(n,) the model's greedy continuation of ``prompt_ids``, n <= ``answer_tokens``, cut at EOS (the

@@ -31,7 +31,7 @@ def loss_and_hit(model, tok, s, answer_tokens: int = 16) -> tuple[float, bool | 
     only with ``tok``, on samples the dense model answered right (``own``) that carry their prompt;
     the reference length is prompt + ``answer_tokens``, as in evaluation."""
     from ..data.tasks import is_hit
-    from .calibration import retrieves, step_logits
+    from .calibration import greedy_steps, retrieves, step_logits
 
     ids, m = s.ids.tolist(), s.answer_mask
     if not bool(m[:-1].any()):
@@ -53,16 +53,11 @@ def loss_and_hit(model, tok, s, answer_tokens: int = 16) -> tuple[float, bool | 
     if list(s.source.prompt_ids) != ids[:P]:  # the answer merged into the prompt's last token: generate anew
         return nll / count, retrieves(model, tok, s.source, answer_tokens)
     eos = getattr(tok, "eos_token_id", None)
-    out, logits = [], first
-    for i in range(answer_tokens):
-        nxt = int(logits.argmax())
-        if nxt == eos:
-            break
+    out = []
+    for nxt in greedy_steps(model, first, cache, P, N, answer_tokens, () if eos is None else (eos,)):
         out.append(nxt)
         if is_hit(tok.decode(out), s.source.answers):  # a hit cannot be undone by later tokens
             return nll / count, True
-        if i + 1 < answer_tokens:
-            logits = step_logits(model, nxt, cache, P + i, N)
     return nll / count, False
 
 

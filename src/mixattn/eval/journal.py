@@ -17,6 +17,16 @@ from pathlib import Path
 from ..paths import write_text
 
 
+def recall(journal, key: list, compute):
+    """``journal``'s result for ``key``, or ``compute()`` (added to the journal); no journal: computed."""
+    got = journal.get(key) if journal is not None else None
+    if got is None:
+        got = compute()
+        if journal is not None:
+            journal.put(key, got)
+    return got
+
+
 def plan_digest(plan) -> str:
     """``Plan.digest`` (its rules, not its meta); "dense" for no plan."""
     return "dense" if plan is None else plan.digest()

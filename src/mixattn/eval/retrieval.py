@@ -17,7 +17,7 @@ import copy
 
 import torch
 
-from ..compress.calibration import step_logits
+from ..compress.calibration import greedy_steps, step_logits
 from ..data.tasks import Sample, is_hit
 
 
@@ -55,14 +55,7 @@ def score(model, tok, sample: Sample, max_new_tokens: int = 16, stop_tokens=None
         lps = torch.log_softmax(all_logits[C - 1 :], -1)
         lp = float(lps.gather(-1, torch.tensor(sample.answer_ids)[:, None]).sum())
 
-    out, logits = [], first
-    for i in range(max_new_tokens):
-        nxt = int(logits.argmax())
-        if nxt in stop_tokens:
-            break
-        out.append(nxt)
-        if i + 1 < max_new_tokens:
-            logits = step_logits(model, nxt, cache, P + i, N)
+    out = list(greedy_steps(model, first, cache, P, N, max_new_tokens, stop_tokens))
     model.train(was_training)
     text = tok.decode(out)
     return {"hit": is_hit(text, sample.answers), "generated": text, "logprob": lp,

@@ -13,6 +13,7 @@ reference density at each eval length.
 from __future__ import annotations
 
 import statistics
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -21,7 +22,7 @@ from ..compress.apply import apply_plan, remove_plan
 from ..data import tasks
 from ..metrics.perplexity import window_nlls
 from . import retrieval, speed
-from .journal import plan_digest
+from .journal import plan_digest, recall
 
 RETRIEVAL = tuple(t for t in tasks.TASKS if t != "passage")
 OTHER = ("ppl", "speed")
@@ -102,11 +103,7 @@ def evaluate(model, tok, plans: dict, task_names, lengths, depths, samples: int 
             digest = plan_digest(plan_at(plan, N))
             for (t, _, d, i), s in tqdm(todo, desc=f"{label} @{N}", disable=not progress):
                 key = ["retrieval", digest, t, N, d, i, s.meta["seed"], haystack_corpus]
-                r = journal.get(key) if journal is not None else None
-                if r is None:
-                    r = retrieval.score(model, tok, s, tasks.MAX_NEW_TOKENS[t])
-                    if journal is not None:
-                        journal.put(key, r)
+                r = recall(journal, key, partial(retrieval.score, model, tok, s, tasks.MAX_NEW_TOKENS[t]))
                 results["retrieval"].append({
                     "method": label, "task": t, "length": N, "depth": d, "index": i, "seed": s.meta["seed"],
                     "prompt_len": s.length, "density": density(plan_at(plan, N), r["ref_len"]), **r,
@@ -118,13 +115,7 @@ def evaluate(model, tok, plans: dict, task_names, lengths, depths, samples: int 
             results["ppl"][label] = {}
             for N in ppl_lengths:
                 key = ["ppl", plan_digest(plan_at(plan, N)), N, ppl_windows, ppl_corpus]
-                got = journal.get(key) if journal is not None else None
-                if got is None:
-                    _apply(model, plan_at(plan, N))
-                    got = window_nlls(model, stream, N, ppl_windows)
-                    if journal is not None:
-                        journal.put(key, got)
-                results["ppl"][label][N] = got
+                results["ppl"][label][N] = recall(journal, key, partial(_ppl, model, plan_at(plan, N), stream, N, ppl_windows))
         if "speed" in task_names:
             _apply(model, plan_at(plan, max(lengths)))  # the plan fitted nearest the speed context
             runs = [speed.measure(model, speed_context, warmup=256 if r == 0 else 0) for r in range(speed_repeats)]
@@ -140,6 +131,11 @@ def evaluate(model, tok, plans: dict, task_names, lengths, depths, samples: int 
 
         write(results, Path(out_dir))
     return results
+
+
+def _ppl(model, plan, stream, N: int, windows: int) -> dict:
+    _apply(model, plan)
+    return window_nlls(model, stream, N, windows)
 
 
 def _apply(model, plan) -> None:
