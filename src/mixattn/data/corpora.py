@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..models.hf.tokenizer import ByteTokenizer
-from ..paths import atomic_dir, cache_dir
+from ..paths import atomic_dir, cache_dir, locked
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".tex", ""}
 
@@ -83,21 +83,30 @@ def load_corpus(specs: list[str] | str, tokenizer=None, val_fraction: float = 0.
     files = [f for s in specs for f in corpus_files(s)]
     if not files:
         raise ValueError(f"corpus {', '.join(specs)} has no text files")
-    key = hashlib.sha256(
-        json.dumps(
-            [tokenizer.name, val_fraction, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
-        ).encode()
-    ).hexdigest()[:16]
-    root = cache_dir() / "tokens" / key
+    root = token_cache(files, tokenizer, val_fraction)
     name = "+".join(specs)
     if not (root / "meta.json").is_file():
-        _tokenise(files, tokenizer, val_fraction, root, name)
+        # one tokeniser per cache folder: a second process (another rank) waits, then reuses. Without
+        # the lock it would replace the folder while the first is memory-mapping it.
+        with locked(root.parent, wait=True):
+            if not (root / "meta.json").is_file():
+                _tokenise(files, tokenizer, val_fraction, root, name)
     meta = json.loads((root / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     # an empty split cannot be memory-mapped; callers check lengths and name the corpus in their error
     streams = {s: np.memmap(root / f"{s}.bin", dtype=dtype, mode="r") if meta.get(f"{s}_tokens", 1) else np.zeros(0, dtype)
                for s in ("train", "val")}  # fmt: skip
     return TokenData(streams["train"], streams["val"], name)
+
+
+def token_cache(files: list[Path], tokenizer, val_fraction: float) -> Path:
+    """The cache folder of these files' token streams, keyed by their names, sizes and times."""
+    key = hashlib.sha256(
+        json.dumps(
+            [tokenizer.name, val_fraction, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
+        ).encode()
+    ).hexdigest()[:16]
+    return cache_dir() / "tokens" / key
 
 
 def _tokenise(files, tokenizer, val_fraction, root: Path, name: str) -> None:
