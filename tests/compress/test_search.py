@@ -351,3 +351,26 @@ def test_eval_resumes_from_its_journal_and_restart_discards_it(tmp_path, monkeyp
     assert main([*args, "--restart"]) == 0 and len(calls) == 1
     assert main([*args, "--dtype", "bfloat16"]) == 2  # the journal is fp32's
     assert "is the journal of another run" in capsys.readouterr().err
+
+
+def test_eval_so_far_reports_the_journal_without_computing_or_locking(tmp_path, monkeypatch, capsys):
+    """--so-far reads a journal without the run's lock (a run in progress holds it), computes nothing
+    and writes its tables to --out/so-far; with --restart, or with no journal yet, it says why not."""
+    from mixattn.eval import retrieval
+    from mixattn.paths import locked
+
+    src = _saved_tiny(tmp_path)
+    args = ["eval", str(src), "--tasks", "passkey,ppl", "--lengths", "256", "--depths", "0.5", "--out", str(tmp_path / "e")]
+    assert main([*args, "--so-far"]) == 2
+    assert "does not exist: no eval has journaled" in capsys.readouterr().err
+    assert main(args) == 0
+    first = json.loads((tmp_path / "e" / "results.json").read_text())
+    monkeypatch.setattr(retrieval, "score", lambda *a, **k: pytest.fail("--so-far computed a prompt"))
+    capsys.readouterr()
+    with locked(tmp_path / "e"):  # "another eval is writing this folder"
+        assert main([*args, "--so-far"]) == 0
+    assert "so far: 2 finished" in capsys.readouterr().out
+    seen = json.loads((tmp_path / "e" / "so-far" / "results.json").read_text())
+    assert seen["retrieval"] == first["retrieval"] and seen["ppl"] == first["ppl"]
+    assert main([*args, "--so-far", "--restart"]) == 2
+    assert "--restart would delete" in capsys.readouterr().err

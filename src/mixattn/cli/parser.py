@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the baselines only; each --plan just sizes its KIND:match baselines")
     p.add_argument("--restart", action="store_true",
                    help="discard --out's journal of finished prompts (by default a rerun resumes from it)")
+    p.add_argument("--so-far", action="store_true",
+                   help="compute nothing: tables of what --out's journal holds now (a run in progress "
+                   "may be writing it), into --out/so-far/")
     p.add_argument("--out", required=True)
 
     p = add("plan", "show a plan (summary + heatmap), build a baseline plan, or import / export MoA and "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 from ..argtypes import (
@@ -113,7 +114,9 @@ def cmd_eval(a) -> int:
     if a.only_baselines:  # the plans only size their matched baselines; their rows come from an earlier run
         plans = {k: v for k, v in plans.items() if k not in given}
         pairs = [(x, y) for x, y in pairs if x not in given and y not in given]
-    with locked(a.out):  # one writer per results folder
+    if a.so_far and a.restart:
+        raise ValueError("--so-far reads the journal that --restart would delete; give one of them")
+    with nullcontext() if a.so_far else locked(a.out):  # one writer per results folder; --so-far only reads
         journal_path = Path(a.out) / "journal.jsonl"
         if a.restart:
             journal_path.unlink(missing_ok=True)
@@ -124,14 +127,17 @@ def cmd_eval(a) -> int:
 
         header = {"model": str(a.model), "content": content_digest(model_file(a.model)), "dtype": a.dtype,
                   "mixattn": __version__}  # fmt: skip
-        journal = Journal(journal_path, header)
-        if len(journal):
+        journal = Journal(journal_path, header, read_only=a.so_far)
+        if a.so_far:
+            print(f"so far: {len(journal)} finished prompts / perplexities in {journal_path}; nothing computed")
+        elif len(journal):
             print(f"resuming: {len(journal)} finished prompts / perplexities read from {journal_path} (--restart to discard)")
         res = evaluate(model, tok, plans, task_names, lengths, depths, samples, ppl_windows=ppl_windows,
-                       speed_context=max(lengths), journal=journal)  # fmt: skip
-        table = write(res, Path(a.out), pairs=pairs or None)
+                       speed_context=max(lengths), journal=journal, so_far=a.so_far)  # fmt: skip
+        out = Path(a.out) / "so-far" if a.so_far else Path(a.out)
+        table = write(res, out, pairs=pairs or None)
     print(table)
-    print(f"\nresults: {a.out}/results.md, results.json, *.png")
+    print(f"\nresults: {out}/results.md, results.json, *.png")
     return 0
 
 

@@ -18,9 +18,10 @@ from ..paths import write_text
 
 
 def recall(journal, key: list, compute):
-    """``journal``'s result for ``key``, or ``compute()`` (added to the journal); no journal: computed."""
+    """``journal``'s result for ``key``, or ``compute()`` (added to the journal); no journal: computed.
+    ``compute`` None: only what the journal holds (None for a unit not finished yet)."""
     got = journal.get(key) if journal is not None else None
-    if got is None:
+    if got is None and compute is not None:
         got = compute()
         if journal is not None:
             journal.put(key, got)
@@ -33,11 +34,17 @@ def plan_digest(plan) -> str:
 
 
 class Journal:
-    """``get(key)`` a finished unit's result or None; ``put(key, value)`` appends it (flushed at once)."""
+    """``get(key)`` a finished unit's result or None; ``put(key, value)`` appends it (flushed at once).
 
-    def __init__(self, path: str | os.PathLike, header: dict):
-        self.path, self.done = Path(path), {}
+    ``read_only``: a look at a journal another process may be writing (``mixattn eval --so-far``). It
+    must exist; a torn last line (a write in progress) is skipped but never repaired, and ``put`` is
+    refused."""
+
+    def __init__(self, path: str | os.PathLike, header: dict, read_only: bool = False):
+        self.path, self.done, self.read_only = Path(path), {}, read_only
         want = {"journal": 1, **header}
+        if read_only and not self.path.is_file():
+            raise ValueError(f"{self.path} does not exist: no eval has journaled into this --out yet")
         if not self.path.is_file():
             write_text(self.path, json.dumps(want) + "\n")
             return
@@ -57,7 +64,7 @@ class Journal:
                 good.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):  # torn by a kill: recomputed
                 continue
-        if len(good) < len(lines):
+        if len(good) < len(lines) and not read_only:
             write_text(self.path, "\n".join(good) + "\n")
 
     def __len__(self) -> int:
@@ -67,6 +74,8 @@ class Journal:
         return self.done.get(json.dumps(key))
 
     def put(self, key: list, value) -> None:
+        if self.read_only:
+            raise ValueError(f"{self.path} was opened read-only")
         self.done[json.dumps(key)] = value
         with self.path.open("a") as f:
             f.write(json.dumps({"key": key, "value": value}) + "\n")

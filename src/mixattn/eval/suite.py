@@ -80,14 +80,18 @@ def build_prompts(model, tok, task_names, lengths, depths, samples: int, haystac
 def evaluate(model, tok, plans: dict, task_names, lengths, depths, samples: int = 1, haystack_corpus="shakespeare",
              ppl_corpus="shakespeare", ppl_windows: int = 2, ppl_lengths=None, speed_context: int = 4096,
              speed_repeats: int = 3, seed: int = 0, out_dir=None, progress: bool = True, prompts=None,
-             journal=None) -> dict:  # fmt: skip
+             journal=None, so_far: bool = False) -> dict:  # fmt: skip
     """``plans``: label -> None | Plan | {length: Plan}. Returns
     {"retrieval": [record...], "density": {label: {L: d}}, "ppl": {label: {L: {...}}}, "speed": {label: {...}}}.
 
     A retrieval record: method, task, length, depth, index, seed, prompt_len, ref_len, density, hit,
     generated, logprob, answer_tokens. ``journal`` (``journal.Journal``): retrieval scores and
     perplexities already in it are read from it, new ones are added as they finish (resumable runs).
+    ``so_far``: compute nothing; the results are what ``journal`` holds (a look at a run in progress:
+    cells have the n finished so far, and speed is left out).
     """
+    if so_far and journal is None:
+        raise ValueError("so_far reads a journal; none was given")
     check_args(model, task_names, lengths, depths, samples)
     if prompts is None:
         prompts = build_prompts(model, tok, task_names, lengths, depths, samples, haystack_corpus, seed, progress)
@@ -103,7 +107,9 @@ def evaluate(model, tok, plans: dict, task_names, lengths, depths, samples: int 
             digest = plan_digest(plan_at(plan, N))
             for (t, _, d, i), s in tqdm(todo, desc=f"{label} @{N}", disable=not progress):
                 key = ["retrieval", digest, t, N, d, i, s.meta["seed"], haystack_corpus]
-                r = recall(journal, key, partial(retrieval.score, model, tok, s, tasks.MAX_NEW_TOKENS[t]))
+                r = recall(journal, key, None if so_far else partial(retrieval.score, model, tok, s, tasks.MAX_NEW_TOKENS[t]))
+                if r is None:  # so_far: not scored yet
+                    continue
                 results["retrieval"].append({
                     "method": label, "task": t, "length": N, "depth": d, "index": i, "seed": s.meta["seed"],
                     "prompt_len": s.length, "density": density(plan_at(plan, N), r["ref_len"]), **r,
@@ -115,8 +121,10 @@ def evaluate(model, tok, plans: dict, task_names, lengths, depths, samples: int 
             results["ppl"][label] = {}
             for N in ppl_lengths:
                 key = ["ppl", plan_digest(plan_at(plan, N)), N, ppl_windows, ppl_corpus]
-                results["ppl"][label][N] = recall(journal, key, partial(_ppl, model, plan_at(plan, N), stream, N, ppl_windows))
-        if "speed" in task_names:
+                got = recall(journal, key, None if so_far else partial(_ppl, model, plan_at(plan, N), stream, N, ppl_windows))
+                if got is not None:
+                    results["ppl"][label][N] = got
+        if "speed" in task_names and not so_far:
             _apply(model, plan_at(plan, max(lengths)))  # the plan fitted nearest the speed context
             runs = [speed.measure(model, speed_context, warmup=256 if r == 0 else 0) for r in range(speed_repeats)]
             results["speed"][label] = {
