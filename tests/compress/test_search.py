@@ -141,6 +141,8 @@ def test_compress_cli_end_to_end_and_eval_outputs(tmp_path, monkeypatch, capsys)
         assert abs(res["density"]["duo @plan"][N] - res["density"]["plan"][N]) <= 1 / 8
     assert len(res["retrieval"]) == 5 * 2 * 2 and all("generated" in r for r in res["retrieval"])
     assert "Wilson" in (out / "results.md").read_text()
+    # the plan was searched at 0.5: its target line, against its own matched uniform row
+    assert res["verdicts"][0].startswith("density 0.5: plan ") and "below uniform at" in res["verdicts"][0]
     assert res["speed"]["uniform 0.5"]["kv_bytes"] < res["speed"]["dense"]["kv_bytes"]
     assert main(["plan", "show", str(plan_path)]) == 0
     assert "distinct rules" in capsys.readouterr().out

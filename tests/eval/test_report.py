@@ -72,3 +72,22 @@ def test_perplexity_is_paired_over_windows_and_judged_by_its_interval():
     assert line.endswith("(the interval reaches past +5%)"), line
     res["ppl"]["mixattn 0.5"][4096] = _ppl([x + 0.06 for x in dense])
     assert [v for v in verdict.verdicts(res, (0.5,)) if v.startswith("perplexity")][0].endswith("-> NOT MET")
+
+
+def test_verdicts_under_the_labels_eval_gives_equal_the_default_labels_and_say_when_uniform_is_missing():
+    """``mixattn eval`` names a plan by its file ("p0.5", "uniform @p0.5"): the verdicts for those
+    labels must be the same lines (bar the names) as for "mixattn 0.5" / "uniform 0.5"; without a
+    uniform row the 0.5 target cannot be judged MET, and the line says why."""
+    res = _results({"dense": 0.8, "mixattn 0.5": 0.8, "uniform 0.5": 0.3, "mixattn 0.25": 0.6, "uniform 0.25": 0.2}, n=20)
+    names = {"mixattn 0.5": "p0.5", "uniform 0.5": "uniform @p0.5", "mixattn 0.25": "p0.25", "uniform 0.25": "uniform @p0.25"}
+    renamed = dict(res, retrieval=[dict(r, method=names.get(r["method"], r["method"])) for r in res["retrieval"]],
+                   ppl={names.get(m, m): v for m, v in res["ppl"].items()})  # fmt: skip
+    labels = {0.5: ("p0.5", "uniform @p0.5"), 0.25: ("p0.25", "uniform @p0.25")}
+    want = verdict.verdicts(res)
+    got = verdict.verdicts(renamed, labels=labels)
+    for old, new in names.items():
+        want = [w.replace(old, new) for w in want]
+    assert got == want and len(got) == 3 and got[0].endswith("-> MET"), got
+    alone = dict(renamed, retrieval=[r for r in renamed["retrieval"] if r["method"] != "uniform @p0.5"])
+    line = verdict.verdicts(alone, labels=labels)[0]
+    assert "uniform not evaluated" in line and line.endswith("-> NOT MET"), line

@@ -135,10 +135,23 @@ def cmd_eval(a) -> int:
         res = evaluate(model, tok, plans, task_names, lengths, depths, samples, ppl_windows=ppl_windows,
                        speed_context=max(lengths), journal=journal, so_far=a.so_far)  # fmt: skip
         out = Path(a.out) / "so-far" if a.so_far else Path(a.out)
-        table = write(res, out, pairs=pairs or None)
+        table = write(res, out, pairs=pairs or None, verdicts=_verdicts(res, {n: plans.get(n) for n in given}))
     print(table)
     print(f"\nresults: {out}/results.md, results.json, *.png")
     return 0
+
+
+def _verdicts(results, given: dict) -> list[str] | None:
+    """The issue's target lines for the --plan files searched at density 0.5 or 0.25 (their
+    ``meta["budget"]``), each against its ``uniform:match`` row; None when no plan has such a budget."""
+    from ..eval.verdict import verdicts
+
+    labels = {}
+    for name, plan in given.items():
+        d = (plan.meta or {}).get("budget") if plan is not None else None
+        if d in (0.5, 0.25) and d not in labels:
+            labels[d] = (name, f"uniform @{name}")
+    return verdicts(results, tuple(labels), labels) if labels else None
 
 
 def cmd_plan(a) -> int:
