@@ -150,10 +150,11 @@ class MixtureLM(nn.Module):
             left_pad = left_pad.to(input_ids.device)
         cos, sin = self.rope(torch.arange(start_pos, start_pos + T, device=input_ids.device))
         x = self.embed(input_ids)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once per forward, not per layer (a decode step is many small ops)
         routers: list[tuple[str, RouterOutput]] = []
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
-            ctx = AttnContext(cos.to(x.dtype), sin.to(x.dtype), start_pos, layer_cache, ref_len, left_pad, self.cfg.kernels)
+            ctx = AttnContext(cos, sin, start_pos, layer_cache, ref_len, left_pad, self.cfg.kernels)
             x, ar, fr = layer(x, ctx)
             routers += [(f"layers.{i}.{part}", r) for part, r in (("attn", ar), ("ffn", fr)) if r is not None]
         if logits_to_keep:
