@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixattn.layers.packed import PackedLinear, _ops_available, pack, unpack
+from mixattn.layers.packed import PackedLinear, _ops_available, fused_linear, pack, unpack
 from mixattn.models import PRESETS, MixtureLM
 
 pytestmark = pytest.mark.skipif(not _ops_available(), reason="this torch build has no oneDNN linear ops")
@@ -95,3 +95,77 @@ def test_pack_a_model_keeps_parameters_keys_ties_and_logits():
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_groups_equal_their_linears_within_rounding(dtype):
+    """q/k/v (and gate/up) share one packed weight: each part of the fused output is within the
+    rounding bound of its own ``F.linear``, and sits where that linear's output belongs."""
+    torch.manual_seed(4)
+    model = MixtureLM(PRESETS["tiny"]).to(dtype).eval()
+    pack(model)
+    x = torch.randn(2, 3, model.cfg.hidden_dim).to(dtype)
+    checked = 0
+    for m in model.modules():
+        for names in getattr(type(m), "PACK_GROUPS", ()):
+            with torch.no_grad():
+                got = fused_linear(m, names, x)
+            assert got is not None and len(got) == len(names)
+            for out, name in zip(got, names):
+                lin = getattr(m, name)
+                want = F.linear(x, lin.weight, lin.bias)
+                assert out.shape == want.shape and lin._packed is None  # the group's copy replaces its own
+                assert ((out.double() - want.double()).abs() <= _bound(x, lin.weight, dtype)).all()
+            checked += 1
+    assert checked == 2 * model.cfg.num_layers  # every layer's attention and FFN
+
+
+def test_fused_groups_step_aside_for_gradients_and_changed_weights():
+    torch.manual_seed(5)
+    model = MixtureLM(PRESETS["tiny"]).eval()
+    pack(model)
+    attn, x = model.layers[0].attn, torch.randn(1, 2, model.cfg.hidden_dim)
+    names = type(attn).PACK_GROUPS[0]
+    assert fused_linear(attn, names, x) is None  # the weights require grad: autograd needs F.linear
+    with torch.no_grad():
+        assert fused_linear(attn, names, x) is not None
+        assert fused_linear(attn, names, x.bfloat16()) is None  # another dtype than the weights'
+        attn.k_proj.weight.add_(1.0)  # an optimizer step on one member: the fused copy is stale
+        assert fused_linear(attn, names, x) is None
+        q, k, v = attn.project_q(x, _ctx(x)), *attn.project_kv(x, _ctx(x))
+    assert torch.equal(k, _rope_k(attn, x))  # the changed weight is the one used
+    unpack(model)
+    assert not any("_packed_groups" in m.__dict__ for m in model.modules())
+
+
+def test_pack_groups_only_where_the_forward_uses_them():
+    """MoH's attention projects q and k/v separately, so its linears keep their own packed copies;
+    its FFN still fuses gate/up. The packed model's logits match the plain one's."""
+    torch.manual_seed(6)
+    model = MixtureLM(PRESETS["tiny-moh"]).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        want = model(ids).logits
+    pack(model)
+    attn = model.layers[0].attn
+    assert "_packed_groups" not in attn.__dict__ and attn.q_proj._packed is not None
+    assert "_packed_groups" in model.layers[0].ffn.__dict__  # the dense SwiGLU
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def _ctx(x):
+    from mixattn.layers import AttnContext, RotaryEmbedding
+
+    cos, sin = RotaryEmbedding(16)(torch.arange(x.shape[1]))
+    return AttnContext(cos, sin)
+
+
+def _rope_k(attn, x):
+    from mixattn.layers.attention import apply_rotary
+
+    B, T, _ = x.shape
+    k = F.linear(x, attn.k_proj.weight).view(B, T, attn.cfg.num_kv_heads, -1).transpose(1, 2)
+    ctx = _ctx(x)
+    return apply_rotary(k, ctx.cos, ctx.sin)

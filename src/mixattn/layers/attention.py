@@ -19,6 +19,7 @@ from torch import nn
 from .cache import KVCache
 from .dispatch import attend
 from .norm import RMSNorm
+from .packed import fused_linear
 from .routers import RouterOutput
 from .sparse import SparseSpec
 
@@ -130,8 +131,13 @@ def check_input(x: torch.Tensor, hidden_dim: int, who: str) -> None:
         raise ValueError(f"{who} expects input (batch, tokens, {hidden_dim}), got {tuple(x.shape)}")
 
 
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
 class Attention(nn.Module):
     """Causal GQA attention. forward: (B, T, d) -> LayerOutput with y (B, T, d)."""
+
+    PACK_GROUPS = (QKV,)  # one prepacked call for all three (``layers.packed``)
 
     def __init__(self, cfg: AttentionConfig):
         super().__init__()
@@ -145,11 +151,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm == "rms" else None
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm == "rms" else None
 
-    def project_kv(self, x_BTd: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (after RoPE) and V for the new tokens, appended to the cache: (B, Hkv, Tk, D) each."""
+    def project_kv(self, x_BTd: torch.Tensor, ctx: AttnContext, raw=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (after RoPE) and V for the new tokens, appended to the cache: (B, Hkv, Tk, D) each.
+        ``raw``: (k_proj(x), v_proj(x)) when already computed (``fused_linear``)."""
         B, T, _ = x_BTd.shape
-        k = self.k_proj(x_BTd).view(B, T, self.cfg.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x_BTd).view(B, T, self.cfg.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, D)
+        k_raw, v_raw = raw if raw is not None else (self.k_proj(x_BTd), self.v_proj(x_BTd))
+        k = k_raw.view(B, T, self.cfg.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v_raw.view(B, T, self.cfg.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, D)
         if self.k_norm is not None:
             k = self.k_norm(k)
         k = apply_rotary(k, ctx.cos, ctx.sin)
@@ -157,9 +165,9 @@ class Attention(nn.Module):
             k, v = ctx.cache.extend("k", k), ctx.cache.extend("v", v)
         return k, v
 
-    def project_q(self, x_BTd: torch.Tensor, ctx: AttnContext, rope: bool = True) -> torch.Tensor:
+    def project_q(self, x_BTd: torch.Tensor, ctx: AttnContext, rope: bool = True, raw=None) -> torch.Tensor:
         B, T, _ = x_BTd.shape
-        q = self.q_proj(x_BTd).view(B, T, self.cfg.num_heads, -1).transpose(1, 2)  # (B, H, T, D)
+        q = (self.q_proj(x_BTd) if raw is None else raw).view(B, T, self.cfg.num_heads, -1).transpose(1, 2)  # (B, H, T, D)
         if self.q_norm is not None:
             q = self.q_norm(q)
         return apply_rotary(q, ctx.cos, ctx.sin) if rope else q
@@ -167,8 +175,9 @@ class Attention(nn.Module):
     def forward(self, x_BTd: torch.Tensor, ctx: AttnContext) -> LayerOutput:
         check_input(x_BTd, self.cfg.hidden_dim, "Attention")
         B, T, _ = x_BTd.shape
-        q = self.project_q(x_BTd, ctx)
-        k, v = self.project_kv(x_BTd, ctx)
+        qkv = fused_linear(self, QKV, x_BTd)  # one prepacked call where ``pack`` fused them
+        q = self.project_q(x_BTd, ctx, raw=None if qkv is None else qkv[0])
+        k, v = self.project_kv(x_BTd, ctx, raw=None if qkv is None else qkv[1:])
         o_BHTD = attend(q, k, v, ctx, self.sparse)
         y = self.o_proj(o_BHTD.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, d)
         return LayerOutput(y, None, (q, k))

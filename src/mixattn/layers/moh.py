@@ -60,6 +60,8 @@ class MoHAttention(Attention):
     """Same projections (and parameter names) as ``Attention``, plus head routers.
     forward(x (B, T, d), ctx) -> LayerOutput(y (B, T, d), routed-head router, (q, k))."""
 
+    PACK_GROUPS = ()  # its forward projects q and k/v separately: each linear keeps its own packed copy
+
     def __init__(self, attn: AttentionConfig, cfg: MoHConfig):
         super().__init__(attn)
         H, Hs = attn.num_heads, cfg.shared_heads

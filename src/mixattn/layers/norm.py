@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed import fused_linear
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -23,8 +25,13 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+GATE_UP = ("gate_proj", "up_proj")
+
+
 class SwiGLU(nn.Module):
     """Dense FFN: down(silu(gate(x)) * up(x)). (B, T, d) -> (B, T, d)."""
+
+    PACK_GROUPS = (GATE_UP,)  # one prepacked call for both (``layers.packed``)
 
     def __init__(self, hidden_dim: int, ffn_dim: int):
         super().__init__()
@@ -33,4 +40,6 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(ffn_dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = fused_linear(self, GATE_UP, x)
+        g, u = gate_up if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(g) * u)

@@ -102,6 +102,8 @@ class RCMHAttention(Attention):
     ``conv_weight`` (C, K) and the relative-position parameters ``rel_proj`` (d -> H D), ``pos_bias_u``
     and ``pos_bias_v`` (H, D). forward(x (B, T, d), ctx) -> LayerOutput(y (B, T, d), None, (q, k))."""
 
+    PACK_GROUPS = ()  # its forward projects q and k/v separately: each linear keeps its own packed copy
+
     def __init__(self, attn: AttentionConfig, cfg: RCMHAConfig):
         super().__init__(attn)
         self.rc = cfg
