@@ -86,5 +86,7 @@ def test_so_far_reports_exactly_the_finished_units_and_never_writes(model, tmp_p
     assert n_ppl == sum(k[0] == "ppl" for k in finished) and got["speed"] == {}
     with pytest.raises(ValueError, match="read-only"):
         journal.put(["x"], 1)
+    with pytest.raises(ValueError, match=r"journal of another run.*give the model and --dtype"):
+        Journal(path, {"model": "other"}, read_only=True)
     with pytest.raises(ValueError, match=r"nothing\.jsonl does not exist"):
         Journal(tmp_path / "nothing.jsonl", {"model": "tiny"}, read_only=True)

@@ -132,7 +132,7 @@ def test_fused_groups_step_aside_for_gradients_and_changed_weights():
         assert fused_linear(attn, names, x.bfloat16()) is None  # another dtype than the weights'
         attn.k_proj.weight.add_(1.0)  # an optimizer step on one member: the fused copy is stale
         assert fused_linear(attn, names, x) is None
-        q, k, v = attn.project_q(x, _ctx(x)), *attn.project_kv(x, _ctx(x))
+        k, _ = attn.project_kv(x, _ctx(x))
     assert torch.equal(k, _rope_k(attn, x))  # the changed weight is the one used
     unpack(model)
     assert not any("_packed_groups" in m.__dict__ for m in model.modules())

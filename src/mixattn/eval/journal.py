@@ -54,8 +54,9 @@ class Journal:
         except json.JSONDecodeError:
             have = None
         if have != want:
-            raise ValueError(f"{self.path} is the journal of another run ({have}); this run is {want}: "
-                             "choose another --out, or start over with --restart (deletes the journal)")  # fmt: skip
+            fix = ("give the model and --dtype of the run that wrote it" if read_only else
+                   "choose another --out, or start over with --restart (deletes the journal)")  # fmt: skip
+            raise ValueError(f"{self.path} is the journal of another run ({have}); this run is {want}: {fix}")
         good = [lines[0]]
         for line in lines[1:]:
             try:
