@@ -13,8 +13,8 @@ tied) that also holds the packed copy. It uses the copy only where the plain pro
 same function: no gradient needed, a CPU input of the weight's dtype, and a weight unchanged since
 packing (its version counter); anywhere else it is ``F.linear``, the reference the tests compare it
 to. Linears that read the same input (q/k/v, gate/up) share one packed weight and one call
-(``fused_linear``): at batch 1 the step is bound by per-call costs as much as by bytes (a
-SmolLM2-135M bf16 step at a 16-token context: 33.5 against 40 ms in a one-off check). The packed
+(``fused_linear``): at batch 1 the step pays per-call costs as well as bytes (a SmolLM2-135M bf16
+decode step 1.05-1.06x faster in a same-process A/B, ``benchmarks/README.md`` session 10). The packed
 copies cost the weights' bytes again. The ops are torch's private oneDNN ops
 (``torch.ops.mkldnn``): where this torch build lacks them, ``pack`` leaves the model as it was.
 """
