@@ -169,3 +169,24 @@ def _rope_k(attn, x):
     k = F.linear(x, attn.k_proj.weight).view(B, T, attn.cfg.num_kv_heads, -1).transpose(1, 2)
     ctx = _ctx(x)
     return apply_rotary(k, ctx.cos, ctx.sin)
+
+
+def test_a_packed_model_deep_copies_and_the_copy_computes_f_linear_until_packed():
+    """oneDNN's packed tensors cannot be copied; ``copy.deepcopy`` of a packed model (BAM upcycling
+    copies a model) must still work, the copy computing the plain products, the original still packed."""
+    import copy
+
+    torch.manual_seed(7)
+    model = MixtureLM(PRESETS["tiny"]).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        plain = model(ids).logits
+    pack(model)
+    twin = copy.deepcopy(model)
+    x = torch.randn(1, 2, model.cfg.hidden_dim)
+    with torch.no_grad():
+        assert fused_linear(model.layers[0].attn, ("q_proj", "k_proj", "v_proj"), x) is not None
+        assert fused_linear(twin.layers[0].attn, ("q_proj", "k_proj", "v_proj"), x) is None
+        assert model.lm_head._fast(x) and not twin.lm_head._fast(x)
+        assert torch.equal(twin(ids).logits, plain)  # every product is F.linear again
+        assert pack(twin) > 0 and fused_linear(twin.layers[0].attn, ("q_proj", "k_proj", "v_proj"), x) is not None

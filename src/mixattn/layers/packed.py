@@ -36,6 +36,20 @@ def _ops_available() -> bool:
         return False
 
 
+class _Held:
+    """A packed copy and what it was made from. oneDNN's packed tensors are opaque and cannot be
+    copied, so a deep copy of a packed model gets None in its place: the copy computes ``F.linear``
+    (the same function) until ``pack`` runs on it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return None
+
+
 class PackedLinear(nn.Linear):
     """``nn.Linear`` with a oneDNN-prepacked weight for gradient-free CPU inference. x (..., in) -> (..., out)."""
 
@@ -49,13 +63,14 @@ class PackedLinear(nn.Linear):
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
         except RuntimeError:
             return False
-        self._packed = (packed, w._version, w.data_ptr())
+        self._packed = _Held((packed, w._version, w.data_ptr()))
         return True
 
     def _fast(self, x: torch.Tensor) -> bool:
         p = getattr(self, "_packed", None)
         if p is None or x.device.type != "cpu" or x.dtype != self.weight.dtype:
             return False
+        p = p.value
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return False
         return self.weight._version == p[1] and self.weight.data_ptr() == p[2]  # not modified, moved or recast since
@@ -63,7 +78,7 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x):
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed[0], self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed.value[0], self.bias, "none", [], "")
 
 
 def _stamp(t: torch.Tensor | None) -> tuple | None:
@@ -86,7 +101,7 @@ def _pack_group(module: nn.Module, names: tuple[str, ...]) -> bool:
         return False
     bias = torch.cat([x.bias.detach() for x in lins]) if biased[0] else None
     stamps = [(_stamp(x.weight), _stamp(x.bias)) for x in lins]
-    module.__dict__.setdefault("_packed_groups", {})[names] = (packed, bias, [x.out_features for x in lins], stamps)
+    module.__dict__.setdefault("_packed_groups", {})[names] = _Held((packed, bias, [x.out_features for x in lins], stamps))
     return True
 
 
@@ -98,7 +113,7 @@ def fused_linear(module: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> 
     group = module.__dict__.get("_packed_groups", {}).get(names)
     if group is None or x.device.type != "cpu":
         return None
-    packed, bias, sizes, stamps = group
+    packed, bias, sizes, stamps = group.value
     lins = [getattr(module, n) for n in names]
     if x.dtype != lins[0].weight.dtype:
         return None
