@@ -91,3 +91,9 @@ def test_verdicts_under_the_labels_eval_gives_equal_the_default_labels_and_say_w
     alone = dict(renamed, retrieval=[r for r in renamed["retrieval"] if r["method"] != "uniform @p0.5"])
     line = verdict.verdicts(alone, labels=labels)[0]
     assert "uniform not evaluated" in line and line.endswith("-> NOT MET"), line
+
+
+def test_the_half_density_verdict_without_dense_is_not_judged_against_the_quarter_target():
+    res = _results({"p": 0.5, "uniform @p": 0.25}, n=20)
+    line = verdict.verdicts(res, (0.5,), {0.5: ("p", "uniform @p")})[0]
+    assert "dense not evaluated" in line and line.endswith("-> NOT SHOWN") and "target >= 2" not in line, line

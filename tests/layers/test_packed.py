@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixattn.layers.attention import QKV
 from mixattn.layers.packed import PackedLinear, _ops_available, fused_linear, pack, unpack
 from mixattn.models import PRESETS, MixtureLM
 
@@ -190,3 +191,36 @@ def test_a_packed_model_deep_copies_and_the_copy_computes_f_linear_until_packed(
         assert model.lm_head._fast(x) and not twin.lm_head._fast(x)
         assert torch.equal(twin(ids).logits, plain)  # every product is F.linear again
         assert pack(twin) > 0 and fused_linear(twin.layers[0].attn, ("q_proj", "k_proj", "v_proj"), x) is not None
+
+
+def test_fused_groups_never_skip_hooks_or_a_replaced_linear():
+    """A forward hook on a member (the profiler captures v_proj's output) must still fire, and a
+    member swapped for another module after packing (a wrapper, a LoRA) must run its own forward;
+    a subclass of nn.Linear is never fused."""
+    from mixattn.compress.profile import induction_scores
+
+    torch.manual_seed(8)
+    model = MixtureLM(PRESETS["tiny"]).eval()
+    want = induction_scores(model, n=16)
+    pack(model)
+    torch.testing.assert_close(induction_scores(model, n=16), want, rtol=1e-4, atol=1e-5)  # raised KeyError 'v'
+    attn, x = model.layers[0].attn, torch.randn(1, 2, model.cfg.hidden_dim)
+    calls = []
+    handle = attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        assert fused_linear(attn, QKV, x) is None
+        attn(x, _ctx(x))
+    handle.remove()
+    assert calls == [1]
+
+    class Shifted(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 100
+
+    old = attn.q_proj
+    attn.q_proj = Shifted(old.in_features, old.out_features, bias=False)
+    attn.q_proj.weight = old.weight  # same weight and stamps: only the module differs
+    with torch.no_grad():
+        assert fused_linear(attn, QKV, x) is None  # replaced since packing
+        pack(model)
+        assert fused_linear(attn, QKV, x) is None and "_packed_groups" not in attn.__dict__  # never fused

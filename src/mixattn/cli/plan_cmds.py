@@ -63,6 +63,8 @@ def cmd_eval(a) -> int:
     samples = a.samples or (full["per_depth"] if a.full else 1)
     task_names = a.tasks.split(",") if a.tasks else [*full["tasks"], "ppl", "speed"] if a.full else ["passkey", "ppl", "speed"]
     ppl_windows = a.ppl_windows or (full["ppl_windows"] if a.full else 2)
+    if a.so_far and a.restart:
+        raise ValueError("--so-far reads the journal that --restart would delete; give one of them")
     if a.no_dense and not (a.plan or a.baseline):
         raise ValueError("--no-dense leaves nothing to evaluate: give a --plan or a --baseline")
     if a.only_baselines and not a.baseline:
@@ -114,8 +116,6 @@ def cmd_eval(a) -> int:
     if a.only_baselines:  # the plans only size their matched baselines; their rows come from an earlier run
         plans = {k: v for k, v in plans.items() if k not in given}
         pairs = [(x, y) for x, y in pairs if x not in given and y not in given]
-    if a.so_far and a.restart:
-        raise ValueError("--so-far reads the journal that --restart would delete; give one of them")
     with nullcontext() if a.so_far else locked(a.out):  # one writer per results folder; --so-far only reads
         journal_path = Path(a.out) / "journal.jsonl"
         if a.restart:

@@ -54,7 +54,7 @@ class Journal:
         except json.JSONDecodeError:
             have = None
         if have != want:
-            fix = ("give the model and --dtype of the run that wrote it" if read_only else
+            fix = ("give the model and --dtype of the run that wrote it, with the mixattn version it ran" if read_only else
                    "choose another --out, or start over with --restart (deletes the journal)")  # fmt: skip
             raise ValueError(f"{self.path} is the journal of another run ({have}); this run is {want}: {fix}")
         good = [lines[0]]

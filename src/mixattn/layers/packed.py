@@ -89,6 +89,8 @@ def _pack_group(module: nn.Module, names: tuple[str, ...]) -> bool:
     """One packed weight for the linears ``names`` of ``module`` (same input, outputs side by side),
     kept in ``module._packed_groups``; False where they cannot share one (devices, dtypes, biases)."""
     lins = [getattr(module, n) for n in names]
+    if any(type(x) not in (nn.Linear, PackedLinear) for x in lins):  # a subclass's own forward must run
+        return False
     w = lins[0].weight
     same = all(x.weight.device == w.device and x.weight.dtype == w.dtype and x.in_features == lins[0].in_features
                for x in lins)  # fmt: skip
@@ -101,7 +103,8 @@ def _pack_group(module: nn.Module, names: tuple[str, ...]) -> bool:
         return False
     bias = torch.cat([x.bias.detach() for x in lins]) if biased[0] else None
     stamps = [(_stamp(x.weight), _stamp(x.bias)) for x in lins]
-    module.__dict__.setdefault("_packed_groups", {})[names] = _Held((packed, bias, [x.out_features for x in lins], stamps))
+    value = (packed, bias, [x.out_features for x in lins], stamps, tuple(lins))
+    module.__dict__.setdefault("_packed_groups", {})[names] = _Held(value)
     return True
 
 
@@ -109,19 +112,28 @@ def fused_linear(module: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> 
     """[lin(x) for lin in module's linears ``names``] by one oneDNN call over the weight ``pack`` fused
     for them (q/k/v, or gate/up: a decode step is bound by its per-call costs as much as by bytes);
     None where that would not compute the same function (not packed, a gradient needed, another
-    dtype, or a weight or bias changed since packing): the caller then runs the linears one by one."""
+    dtype, a weight or bias changed or a linear replaced since packing) or would skip a forward hook
+    on one of them: the caller then runs the linears one by one."""
     group = module.__dict__.get("_packed_groups", {}).get(names)
     if group is None or x.device.type != "cpu":
         return None
-    packed, bias, sizes, stamps = group.value
+    packed, bias, sizes, stamps, members = group.value
     lins = [getattr(module, n) for n in names]
-    if x.dtype != lins[0].weight.dtype:
-        return None
+    if any(a is not b for a, b in zip(lins, members)) or x.dtype != lins[0].weight.dtype:
+        return None  # a member replaced since packing (wrapped, swapped), or another dtype
+    if any(m._forward_hooks or m._forward_pre_hooks for m in lins) or _global_hooks():
+        return None  # hooks expect each linear to be called (the profiler captures v_proj's output)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in lins for p in m.parameters())):
         return None
     if any((_stamp(m.weight), _stamp(m.bias)) != st for m, st in zip(lins, stamps)):
         return None
     return list(torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").split(sizes, -1))
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _m
+
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks)
 
 
 def pack(model: nn.Module) -> int:
