@@ -374,5 +374,8 @@ def test_eval_so_far_reports_the_journal_without_computing_or_locking(tmp_path, 
     assert "so far: 2 finished" in capsys.readouterr().out
     seen = json.loads((tmp_path / "e" / "so-far" / "results.json").read_text())
     assert seen["retrieval"] == first["retrieval"] and seen["ppl"] == first["ppl"]
+    assert main([*args[:-6], "--lengths", "300", *args[-4:], "--so-far"]) == 0  # another grid than the run's
+    got = capsys.readouterr()
+    assert "so far: 0 of them belong" in got.out and "none of the journal's prompts match" in got.err
     assert main([*args, "--so-far", "--restart"]) == 2
     assert "--restart would delete" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -134,6 +135,12 @@ def cmd_eval(a) -> int:
             print(f"resuming: {len(journal)} finished prompts / perplexities read from {journal_path} (--restart to discard)")
         res = evaluate(model, tok, plans, task_names, lengths, depths, samples, ppl_windows=ppl_windows,
                        speed_context=max(lengths), journal=journal, so_far=a.so_far)  # fmt: skip
+        if a.so_far:
+            found = len(res["retrieval"]) + sum(len(v) for v in res["ppl"].values())
+            print(f"so far: {found} of them belong to this grid")
+            if len(journal) and not found:
+                print("warning: none of the journal's prompts match these flags; give the --plan, --baseline, "
+                      "--tasks, --lengths and --full of the eval that writes it", file=sys.stderr)  # fmt: skip
         out = Path(a.out) / "so-far" if a.so_far else Path(a.out)
         table = write(res, out, pairs=pairs or None, verdicts=_verdicts(res, {n: plans.get(n) for n in given}))
     print(table)
