@@ -38,8 +38,9 @@ def load(source, dtype="float32", packed: bool = False) -> MixtureLM:
 
     ``packed``: also keep every linear weight prepacked for oneDNN (``mixattn.layers.packed``) for
     gradient-free CPU decoding, at the cost of the weights' bytes again; training and autograd use the
-    plain weights. Measured at 4k on an AVX512_BF16 CPU: decode step 1.1-1.24x at batch 4; at batch
-    1 within run-to-run noise on a shared machine (1.10x fp32, 1.22x bf16 in one same-process A/B).
+    plain weights; q/k/v and gate/up run as one call each. Measured at 4k on an AVX512_BF16 CPU: decode
+    step 1.1-1.24x at batch 4; bf16 at batch 1, 1.46x dense and 1.22x with a density-0.5 plan in one
+    run (``benchmarks/README.md``, session 10; the fused calls alone 1.05-1.06x in a same-process A/B).
     """
     from .models.dtype import cast
     from .models.hf import load_pretrained
