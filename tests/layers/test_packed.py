@@ -142,12 +142,7 @@ def test_fused_groups_step_aside_for_gradients_and_changed_weights():
 def test_pack_groups_only_where_the_forward_uses_them():
     """MoH's attention projects q and k/v separately, so its linears keep their own packed copies;
     its FFN still fuses gate/up. The packed model's logits match the plain one's."""
-    torch.manual_seed(6)
-    model = MixtureLM(PRESETS["tiny-moh"]).eval()
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
-    with torch.no_grad():
-        want = model(ids).logits
-    pack(model)
+    model, ids, want = _packed_with_plain_logits("tiny-moh", seed=6)
     attn = model.layers[0].attn
     assert "_packed_groups" not in attn.__dict__ and attn.q_proj._packed is not None
     assert "_packed_groups" in model.layers[0].ffn.__dict__  # the dense SwiGLU
@@ -177,12 +172,7 @@ def test_a_packed_model_deep_copies_and_the_copy_computes_f_linear_until_packed(
     copies a model) must still work, the copy computing the plain products, the original still packed."""
     import copy
 
-    torch.manual_seed(7)
-    model = MixtureLM(PRESETS["tiny"]).eval()
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 20))
-    with torch.no_grad():
-        plain = model(ids).logits
-    pack(model)
+    model, ids, plain = _packed_with_plain_logits("tiny", seed=7)
     twin = copy.deepcopy(model)
     x = torch.randn(1, 2, model.cfg.hidden_dim)
     with torch.no_grad():
@@ -224,3 +214,14 @@ def test_fused_groups_never_skip_hooks_or_a_replaced_linear():
         assert fused_linear(attn, QKV, x) is None  # replaced since packing
         pack(model)
         assert fused_linear(attn, QKV, x) is None and "_packed_groups" not in attn.__dict__  # never fused
+
+
+def _packed_with_plain_logits(preset: str, seed: int):
+    """A packed model of ``preset``, a batch of ids, and the logits the model gave before packing."""
+    torch.manual_seed(seed)
+    model = MixtureLM(PRESETS[preset]).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        want = model(ids).logits
+    pack(model)
+    return model, ids, want
