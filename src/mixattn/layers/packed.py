@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 
 def _ops_available() -> bool:
@@ -55,30 +56,40 @@ class PackedLinear(nn.Linear):
 
     def refresh(self) -> bool:
         """Pack the current weight (again); False (and no packed copy) where it cannot be packed."""
-        self._packed = None
         w = self.weight
-        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
-            return False
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
-        except RuntimeError:
-            return False
-        self._packed = _Held((packed, w._version, w.data_ptr()))
-        return True
+        packed = _reorder(w)
+        self._packed = None if packed is None else _Held((packed, w._version, w.data_ptr()))
+        return packed is not None
 
     def _fast(self, x: torch.Tensor) -> bool:
         p = getattr(self, "_packed", None)
-        if p is None or x.device.type != "cpu" or x.dtype != self.weight.dtype:
+        if p is None or _plain_needed(x, [self]):
             return False
         p = p.value
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return False
         return self.weight._version == p[1] and self.weight.data_ptr() == p[2]  # not modified, moved or recast since
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed.value[0], self.bias, "none", [], "")
+
+
+def _reorder(w: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's packed copy of a weight (out, in), or None where it cannot be packed (device, dtype)."""
+    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+    except RuntimeError:
+        return None
+
+
+def _plain_needed(x: torch.Tensor, lins) -> bool:
+    """Whether ``F.linear`` must run instead of a packed copy of ``lins``: an input off the CPU or
+    of another dtype than their weights, or a gradient needed (the packed op has no backward)."""
+    if x.device.type != "cpu" or x.dtype != lins[0].weight.dtype:
+        return True
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in lins for p in m.parameters()))
 
 
 def _stamp(t: torch.Tensor | None) -> tuple | None:
@@ -95,11 +106,8 @@ def _pack_group(module: nn.Module, names: tuple[str, ...]) -> bool:
     same = all(x.weight.device == w.device and x.weight.dtype == w.dtype and x.in_features == lins[0].in_features
                for x in lins)  # fmt: skip
     biased = [x.bias is not None for x in lins]
-    if not same or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or len(set(biased)) > 1:
-        return False
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([x.weight.detach() for x in lins]), 1)
-    except RuntimeError:
+    packed = _reorder(torch.cat([x.weight.detach() for x in lins])) if same and len(set(biased)) == 1 else None
+    if packed is None:
         return False
     bias = torch.cat([x.bias.detach() for x in lins]) if biased[0] else None
     stamps = [(_stamp(x.weight), _stamp(x.bias)) for x in lins]
@@ -115,25 +123,21 @@ def fused_linear(module: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> 
     dtype, a weight or bias changed or a linear replaced since packing) or would skip a forward hook
     on one of them: the caller then runs the linears one by one."""
     group = module.__dict__.get("_packed_groups", {}).get(names)
-    if group is None or x.device.type != "cpu":
+    if group is None:
         return None
     packed, bias, sizes, stamps, members = group.value
     lins = [getattr(module, n) for n in names]
-    if any(a is not b for a, b in zip(lins, members)) or x.dtype != lins[0].weight.dtype:
-        return None  # a member replaced since packing (wrapped, swapped), or another dtype
+    if any(a is not b for a, b in zip(lins, members)) or _plain_needed(x, lins):
+        return None  # a member replaced since packing (wrapped, swapped); or F.linear must run
     if any(m._forward_hooks or m._forward_pre_hooks for m in lins) or _global_hooks():
         return None  # hooks expect each linear to be called (the profiler captures v_proj's output)
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in lins for p in m.parameters())):
-        return None
     if any((_stamp(m.weight), _stamp(m.bias)) != st for m, st in zip(lins, stamps)):
         return None
     return list(torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").split(sizes, -1))
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as _m
-
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks)
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def pack(model: nn.Module) -> int:
