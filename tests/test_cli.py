@@ -6,7 +6,7 @@ import pytest
 
 from mixattn.cli import build_parser, main
 
-COMMANDS = ["train", "generate", "convert", "export", "compress", "eval", "plan", "demo", "compare", "presets"]
+COMMANDS = ["train", "generate", "convert", "export", "compress", "eval", "report", "plan", "demo", "compare", "presets"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

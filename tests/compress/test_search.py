@@ -143,6 +143,9 @@ def test_compress_cli_end_to_end_and_eval_outputs(tmp_path, monkeypatch, capsys)
     assert "Wilson" in (out / "results.md").read_text()
     # the plan was searched at 0.5: its target line, against its own matched uniform row
     assert res["verdicts"][0].startswith("density 0.5: plan ") and "below uniform at" in res["verdicts"][0]
+    assert res["budgets"] == {"plan": 0.5}  # what `mixattn report` reads to write the same lines
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert json.loads((tmp_path / "report" / "results.json").read_text())["verdicts"] == res["verdicts"]
     assert res["speed"]["uniform 0.5"]["kv_bytes"] < res["speed"]["dense"]["kv_bytes"]
     assert main(["plan", "show", str(plan_path)]) == 0
     assert "distinct rules" in capsys.readouterr().out

@@ -20,7 +20,7 @@ def _results(acc=None, n=6, lengths=(1024, 2048)):
                 for i in range(n):
                     recs.append({"method": m, "task": task, "length": N, "depth": (i % 3) / 2, "index": i // 3,
                                  "hit": rng.random() < p, "density": 1.0 if m == "dense" else 0.5,
-                                 "generated": " 123", "logprob": -1.0})  # fmt: skip
+                                 "generated": " 123", "logprob": -1.0, "seed": 1000 * N + 10 * i})  # fmt: skip
     dens = {m: {N: 1.0 if m == "dense" else 0.5 for N in lengths} for m in acc}
     base = [3.0, 3.2]  # two windows; the plans' NLL 0.01 above dense on each: ratio exp(0.01)
     ppl = {m: {4096: _ppl([x + (0.01 if m != "dense" else 0) for x in base])} for m in acc}

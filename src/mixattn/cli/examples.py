@@ -32,6 +32,10 @@ EXAMPLES = {
   mixattn eval smollm2-135m --plan runs/plan_0.5.json --baseline uniform:0.5 --baseline duo:0.5 --out runs/eval
   mixattn eval smollm2-135m --plan a.json --plan b.json --tasks passkey,multikey,ppl,speed --lengths 1024,4096
 """,
+    "report": """examples:
+  mixattn report runs/full_0.5 runs/full_0.25 --out runs/full       # two evals (one --no-dense) as one report
+  mixattn report runs/full_0.5/so-far runs/full_0.25/so-far --out runs/full_now
+""",
     "plan": """examples:
   mixattn plan show runs/plan_0.5.json                    # summary + heatmap PNG next to the plan
   mixattn plan baseline --kind uniform --density 0.5 smollm2-135m --out uniform.json

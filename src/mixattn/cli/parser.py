@@ -18,7 +18,7 @@ from ..argtypes import (
 )
 from .examples import EXAMPLES
 from .model_cmds import cmd_convert, cmd_export, cmd_generate, cmd_mil, cmd_presets
-from .plan_cmds import cmd_compress, cmd_demo, cmd_eval, cmd_plan
+from .plan_cmds import cmd_compress, cmd_demo, cmd_eval, cmd_plan, cmd_report
 from .train_cmds import _add_train_args, cmd_compare, cmd_train
 
 
@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--so-far", action="store_true",
                    help="compute nothing: tables of what --out's journal holds now (a run in progress "
                    "may be writing it), into --out/so-far/")
+    p.add_argument("--out", required=True)
+
+    p = add("report", "one report (tables, plots, verdicts) from several eval results folders, e.g. the full "
+            "grid run as one eval per core", cmd_report)  # fmt: skip
+    p.add_argument("sources", nargs="+", metavar="SRC", help="an eval --out folder, its so-far/ folder, or a results.json")
+    p.add_argument("--budget", action="append", default=[], metavar="LABEL=DENSITY",
+                   help="mark a plan as searched at 0.5 or 0.25 for the verdict lines, where its results.json "
+                   "predates the record (eval now writes it from the plan's meta)")  # fmt: skip
     p.add_argument("--out", required=True)
 
     p = add("plan", "show a plan (summary + heatmap), build a baseline plan, or import / export MoA and "

@@ -57,6 +57,7 @@ def cmd_eval(a) -> int:
     from ..demo import GRIDS
     from ..eval.report import write
     from ..eval.suite import evaluate
+    from ..eval.verdict import searched_verdicts
 
     full = GRIDS["full"]
     lengths = _ints(a.lengths) if a.lengths else full["eval_lengths"] if a.full else (1024, 2048, 4096)
@@ -142,23 +143,35 @@ def cmd_eval(a) -> int:
                 print("warning: none of the journal's prompts match these flags; give the --plan, --baseline, "
                       "--tasks, --lengths and --full of the eval that writes it", file=sys.stderr)  # fmt: skip
         out = Path(a.out) / "so-far" if a.so_far else Path(a.out)
-        table = write(res, out, pairs=pairs or None, verdicts=_verdicts(res, {n: plans.get(n) for n in given}))
+        res["budgets"] = {n: plans[n].meta["budget"] for n in given if (plans[n].meta or {}).get("budget") is not None}
+        table = write(res, out, pairs=pairs or None, verdicts=searched_verdicts(res))
     print(table)
     print(f"\nresults: {out}/results.md, results.json, *.png")
     return 0
 
 
-def _verdicts(results, given: dict) -> list[str] | None:
-    """The issue's target lines for the --plan files searched at density 0.5 or 0.25 (their
-    ``meta["budget"]``), each against its ``uniform:match`` row; None when no plan has such a budget."""
-    from ..eval.verdict import verdicts
+def cmd_report(a) -> int:
+    """One report (tables, plots, verdict lines) from several ``mixattn eval`` results folders."""
+    from ..eval.merge import merge, read
+    from ..eval.report import write
+    from ..eval.verdict import searched_verdicts
 
-    labels = {}
-    for name, plan in given.items():
-        d = (plan.meta or {}).get("budget") if plan is not None else None
-        if d in (0.5, 0.25) and d not in labels:
-            labels[d] = (name, f"uniform @{name}")
-    return verdicts(results, tuple(labels), labels) if labels else None
+    runs = [read(src) for src in a.sources]
+    res, pairs, notes = merge(runs)
+    for spec in a.budget:
+        label, _, d = spec.rpartition("=")
+        if not label or d not in ("0.5", "0.25"):
+            raise ValueError(f"--budget {spec!r}: expected LABEL=0.5 or LABEL=0.25 (a plan's label in the results)")
+        if label not in {r["method"] for r in res["retrieval"]}:
+            raise ValueError(f"--budget {spec!r}: no method {label!r} in the results")
+        res["budgets"][label] = float(d)
+    header = "Merged from " + ", ".join(f"`{name}`" for name, _ in runs) + " (`mixattn report`)."
+    table = write(res, Path(a.out), pairs=pairs or None, verdicts=searched_verdicts(res), header=header)
+    print(table)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"\nresults: {a.out}/results.md, results.json, *.png")
+    return 0
 
 
 def cmd_plan(a) -> int:

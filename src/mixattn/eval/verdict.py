@@ -91,3 +91,15 @@ def verdicts(results, densities=(0.5, 0.25), labels: dict | None = None) -> list
     if "wall_s" in results:
         out.append(f"wall time {results['wall_s'] / 60:.1f} min (make demo target <= 15 min on 2 cores)")
     return out
+
+
+def searched_verdicts(results) -> list[str] | None:
+    """The target lines for the plans in ``results["budgets"]`` ({plan label: the density it was
+    searched at}, written by ``mixattn eval`` from each plan's ``meta["budget"]``) at 0.5 and 0.25,
+    each against its ``uniform @<label>`` row (``uniform:match``); None when no plan has such a budget."""
+    labels = {}
+    for name, d in results.get("budgets", {}).items():
+        if d in (0.5, 0.25) and d not in labels:
+            labels[d] = (name, f"uniform @{name}")
+    return verdicts(results, tuple(labels), labels) if labels else None
+

@@ -1,0 +1,108 @@
+"""``mixattn report``: several eval runs joined into one report, equal to the report of one run that
+had them all, and refused where the runs disagree on a prompt both scored."""
+
+import copy
+import json
+
+import pytest
+
+from mixattn.cli import main
+from mixattn.eval import merge, report, verdict
+
+from .test_report import _results
+
+ALL = {"dense": 0.8, "mixattn 0.5": 0.8, "uniform @mixattn 0.5": 0.3, "p25": 0.6, "uniform @p25": 0.2}
+PAIRS = [("mixattn 0.5", "dense"), ("mixattn 0.5", "uniform @mixattn 0.5"), ("p25", "uniform @p25")]
+
+
+def _split(res, groups):
+    """One results dict per group of methods, as separate evals (dense in the first only) would write."""
+    out = []
+    for methods in groups:
+        part = {k: {m: v for m, v in res[k].items() if m in methods} for k in ("density", "ppl", "speed")}
+        part["retrieval"] = [r for r in res["retrieval"] if r["method"] in methods]
+        part["pairs"] = [list(p) for p in PAIRS if p[0] in methods]
+        part["budgets"] = {m: d for m, d in res["budgets"].items() if m in methods}
+        out.append(part)
+    return out
+
+
+def _full():
+    res = _results(ALL, n=20)
+    res["budgets"] = {"mixattn 0.5": 0.5, "p25": 0.25}
+    return res
+
+
+def test_merging_two_runs_gives_the_report_of_one_run_with_everything(tmp_path):
+    res = _full()
+    a, b = _split(res, [("dense", "mixattn 0.5", "uniform @mixattn 0.5"), ("p25", "uniform @p25")])
+    merged, pairs, notes = merge.merge([("a", a), ("b", b)])
+    assert notes == [] and pairs == PAIRS
+    one = report.write(res, tmp_path / "one", pairs=PAIRS, verdicts=verdict.searched_verdicts(res))
+    two = report.write(merged, tmp_path / "two", pairs=pairs, verdicts=verdict.searched_verdicts(merged))
+    assert two == one
+    lines = verdict.searched_verdicts(merged)
+    assert lines[0].startswith("density 0.5: mixattn 0.5") and lines[1].startswith("density 0.25: p25"), lines
+    assert "vs dense None" not in lines[1]  # the 0.25 line reads dense from the other run
+
+
+def test_a_prompt_scored_by_both_runs_is_kept_once_when_they_agree_and_refused_when_not():
+    res = _full()
+    a, b = _split(res, [("dense", "mixattn 0.5"), ("dense", "p25")])  # dense in both, on the same prompts
+    merged, _, _ = merge.merge([("a", a), ("b", b)])
+    assert sum(r["method"] == "dense" for r in merged["retrieval"]) == sum(r["method"] == "dense" for r in res["retrieval"])
+    bad = copy.deepcopy(b)
+    rec = next(r for r in bad["retrieval"] if r["method"] == "dense")
+    rec["generated"] += " (another model)"
+    with pytest.raises(ValueError, match=r"b and a both scored .*'method': 'dense'.* differ in generated"):
+        merge.merge([("a", a), ("b", bad)])
+
+
+@pytest.mark.parametrize("part", ["density", "ppl"])
+def test_a_method_measured_differently_by_two_runs_is_refused(part):
+    res = _full()
+    a, b = _split(res, [("dense", "mixattn 0.5"), ("dense", "p25")])
+    bad = copy.deepcopy(b)
+    N = next(iter(bad[part]["dense"]))
+    if part == "density":
+        bad[part]["dense"][N] = 0.9
+    else:
+        bad[part]["dense"][N]["nll"] = [x + 1e-3 for x in bad[part]["dense"][N]["nll"]]
+    with pytest.raises(ValueError, match=f"dense's {part} at {N} differs"):
+        merge.merge([("a", a), ("b", bad)])
+
+
+def test_speed_is_kept_from_the_first_run_and_the_others_are_noted():
+    res = _full()
+    a, b = _split(res, [("dense", "mixattn 0.5"), ("dense", "p25")])
+    a["speed"] = {"dense": {"prefill_s": 1.0}}
+    b["speed"] = {"dense": {"prefill_s": 2.0}}
+    merged, _, notes = merge.merge([("a", a), ("b", b)])
+    assert merged["speed"]["dense"]["prefill_s"] == 1.0 and len(notes) == 1 and "b's" in notes[0]
+
+
+def test_report_cli_merges_folders_and_names_what_is_wrong(tmp_path, capsys):
+    res = _full()
+    for name, part in zip("ab", _split(res, [("dense", "mixattn 0.5", "uniform @mixattn 0.5"), ("p25", "uniform @p25")])):
+        report.write(part, tmp_path / name, pairs=[tuple(p) for p in part["pairs"]])
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    saved = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert saved["verdicts"] == verdict.searched_verdicts(res) and saved["budgets"] == res["budgets"]
+    assert (tmp_path / "m" / "accuracy_vs_length.png").is_file()
+    # an older results.json without budgets: --budget marks the plan; a label that is not there is refused
+    old = json.loads((tmp_path / "b" / "results.json").read_text())
+    del old["budgets"]
+    (tmp_path / "b" / "results.json").write_text(json.dumps(old))
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--budget", "p25=0.25", "--out", str(tmp_path / "m2")]) == 0
+    assert json.loads((tmp_path / "m2" / "results.json").read_text())["verdicts"] == saved["verdicts"]
+    capsys.readouterr()
+    for argv, needle in [([str(tmp_path / "nowhere")], "nowhere: no results.json"),
+                         ([str(tmp_path / "a"), "--budget", "p9=0.25"], "no method 'p9'"),
+                         ([str(tmp_path / "a"), "--budget", "p25=0.3"], "LABEL=0.5 or LABEL=0.25")]:  # fmt: skip
+        assert main(["report", *argv, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    (tmp_path / "junk.json").write_text("{")
+    assert main(["report", str(tmp_path / "junk.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "junk.json: not JSON" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written on bad input
