@@ -12,7 +12,9 @@ from mixattn.eval import merge, report, verdict
 from .test_report import _results
 
 ALL = {"dense": 0.8, "mixattn 0.5": 0.8, "uniform @mixattn 0.5": 0.3, "p25": 0.6, "uniform @p25": 0.2}
-PAIRS = [("mixattn 0.5", "dense"), ("mixattn 0.5", "uniform @mixattn 0.5"), ("p25", "uniform @p25")]
+# what one eval with every method pairs: each plan with dense and its baseline, each baseline with dense
+PAIRS = [("mixattn 0.5", "dense"), ("mixattn 0.5", "uniform @mixattn 0.5"), ("uniform @mixattn 0.5", "dense"),
+         ("p25", "dense"), ("p25", "uniform @p25"), ("uniform @p25", "dense")]  # fmt: skip
 
 
 def _split(res, groups):
@@ -21,7 +23,7 @@ def _split(res, groups):
     for methods in groups:
         part = {k: {m: v for m, v in res[k].items() if m in methods} for k in ("density", "ppl", "speed")}
         part["retrieval"] = [r for r in res["retrieval"] if r["method"] in methods]
-        part["pairs"] = [list(p) for p in PAIRS if p[0] in methods]
+        part["pairs"] = [list(p) for p in PAIRS if set(p) <= set(methods)]
         part["budgets"] = {m: d for m, d in res["budgets"].items() if m in methods}
         out.append(part)
     return out
@@ -37,8 +39,9 @@ def test_merging_two_runs_gives_the_report_of_one_run_with_everything(tmp_path):
     res = _full()
     a, b = _split(res, [("dense", "mixattn 0.5", "uniform @mixattn 0.5"), ("p25", "uniform @p25")])
     merged, pairs, notes = merge.merge([("a", a), ("b", b)])
-    assert notes == [] and pairs == PAIRS
-    one = report.write(res, tmp_path / "one", pairs=PAIRS, verdicts=verdict.searched_verdicts(res))
+    # b ran without dense: its plan and baseline are paired with a's dense rows all the same
+    assert notes == [] and sorted(pairs) == sorted(PAIRS) and [list(p) for p in b["pairs"]] == [["p25", "uniform @p25"]]
+    one = report.write(res, tmp_path / "one", pairs=pairs, verdicts=verdict.searched_verdicts(res))
     two = report.write(merged, tmp_path / "two", pairs=pairs, verdicts=verdict.searched_verdicts(merged))
     assert two == one
     lines = verdict.searched_verdicts(merged)
@@ -96,13 +99,80 @@ def test_report_cli_merges_folders_and_names_what_is_wrong(tmp_path, capsys):
     assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--budget", "p25=0.25", "--out", str(tmp_path / "m2")]) == 0
     assert json.loads((tmp_path / "m2" / "results.json").read_text())["verdicts"] == saved["verdicts"]
     capsys.readouterr()
+    (tmp_path / "f").write_text("")
     for argv, needle in [([str(tmp_path / "nowhere")], "nowhere: no results.json"),
-                         ([str(tmp_path / "a"), "--budget", "p9=0.25"], "no method 'p9'"),
+                         ([str(tmp_path / "a"), "--budget", "p9=0.25"], "no searched plan 'p9'"),
+                         ([str(tmp_path / "a"), "--budget", "dense=0.5"], "no searched plan 'dense'"),
+                         ([str(tmp_path / "a"), "--budget", "mixattn 0.5=0.25"], "record mixattn 0.5 as searched at 0.5"),
                          ([str(tmp_path / "a"), "--budget", "p25=0.3"], "LABEL=0.5 or LABEL=0.25")]:  # fmt: skip
         assert main(["report", *argv, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
+    for out, needle in [(tmp_path / "a", "is one of the sources"), (tmp_path / "f", "is a file")]:
+        before = (tmp_path / "a" / "results.json").read_bytes()
+        assert main(["report", str(tmp_path / "a"), "--out", str(out)]) == 2
+        assert needle in capsys.readouterr().err and (tmp_path / "a" / "results.json").read_bytes() == before
     (tmp_path / "junk.json").write_text("{")
     assert main(["report", str(tmp_path / "junk.json"), "--out", str(tmp_path / "x")]) == 2
     assert "junk.json: not JSON" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing written on bad input
+
+
+@pytest.mark.parametrize(
+    "path, value, needle",
+    [(("retrieval", 0, "length"), "1024", "retrieval[0].length must be an integer"),
+     (("retrieval", 0, "hit"), None, "retrieval[0].hit must be true or false"),
+     (("retrieval", 0, "depth"), [0.5], "retrieval[0].depth must be a number"),
+     (("retrieval", 0), None, "retrieval[0] must be an object"),
+     (("density",), [], "density must be an object"),
+     (("density", "dense"), [1.0], "density['dense'] must be an object"),
+     (("density", "dense", "abc"), 1.0, "density['dense'] key must be a length"),
+     (("ppl", "dense", "4096"), {"ppl": 3.0}, "ppl['dense'][4096] must be an object with an 'nll' list"),
+     (("pairs",), [["a"]], "pairs must be a list of [method, method]"),
+     (("budgets",), {"p": "0.5"}, "budgets must be an object"),
+     (("retrieval",), [], "no retrieval records in any source")],
+)  # fmt: skip
+def test_a_malformed_results_file_is_refused_naming_the_field_and_the_old_report_is_kept(tmp_path, capsys, path, value, needle):
+    """Wrong types anywhere in a results.json stop the report with exit 2 and one line naming the
+    file and the field; a report folder from an earlier run is left as it was."""
+    res = json.loads(json.dumps(_full()))  # as read back from disk: lengths are strings
+    node = res
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    (tmp_path / "bad.json").write_text(json.dumps(res))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_full()))
+    assert main(["report", str(good), "--out", str(tmp_path / "out")]) == 0
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "bad.json"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == kept
+
+
+def test_lengths_read_back_from_json_keep_the_density_table_whole(tmp_path):
+    """A method with no prompts scored yet at a length shows its planned density there (from
+    ``density``), also after a JSON round trip turned the lengths into strings."""
+    res = _full()
+    res["retrieval"] = [r for r in res["retrieval"] if not (r["method"] == "p25" and r["length"] == 2048)]
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    merged, _, _ = merge.merge([merge.read(tmp_path / "r.json")])
+    table = report.density_table(merged)
+    assert "nan" not in table and "| p25 | 0.500 | 0.500 |" in table, table
+
+
+def test_the_quarter_density_line_says_not_shown_without_uniform_and_compares_like_lengths():
+    res = _full()
+    alone = dict(res, retrieval=[r for r in res["retrieval"] if r["method"] != "uniform @p25"])
+    line = [v for v in verdict.searched_verdicts(alone) if v.startswith("density 0.25")][0]
+    assert "uniform @p25 not evaluated -> NOT SHOWN" in line, line
+    # dense scored at 2k and 4k, the plans only at 2k so far: the 0.5 line compares both at 2k only
+    res = dict(_results(ALL, n=20, lengths=(2048, 4096)), budgets=res["budgets"])
+    part = dict(res, retrieval=[dict(r, hit=r["hit"] and r["length"] == 2048) for r in res["retrieval"]
+                                if r["method"] == "dense" or r["length"] == 2048])  # dense misses all at 4k
+    line = verdict.searched_verdicts(part)[0]
+    dense_2k = report.cells(part)[("dense", "all", 2048)]["acc"]
+    assert report.cells(part)[("dense", "all", 4096)]["acc"] != dense_2k  # else the test could not tell
+    assert f"vs dense {dense_2k:.2f} over 2k " in line, line

@@ -155,19 +155,31 @@ def cmd_report(a) -> int:
     from ..eval.merge import merge, read
     from ..eval.report import write
     from ..eval.verdict import searched_verdicts
+    from ..paths import atomic_dir
 
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {a.out} is a file; a folder is expected")
+    if (out / "journal.jsonl").exists() or (out / ".mixattn.lock").exists():
+        raise ValueError(f"--out {a.out} is an eval's results folder; give a new folder for the report")
+    for src in a.sources:
+        if Path(src).resolve() in (out.resolve(), (out / "results.json").resolve()):
+            raise ValueError(f"--out {a.out} is one of the sources; give a new folder for the report")
     runs = [read(src) for src in a.sources]
     res, pairs, notes = merge(runs)
+    methods = {r["method"] for r in res["retrieval"]}
     for spec in a.budget:
         label, _, d = spec.rpartition("=")
         if not label or d not in ("0.5", "0.25"):
             raise ValueError(f"--budget {spec!r}: expected LABEL=0.5 or LABEL=0.25 (a plan's label in the results)")
-        if label not in {r["method"] for r in res["retrieval"]}:
-            raise ValueError(f"--budget {spec!r}: no method {label!r} in the results")
-        res["budgets"][label] = float(d)
+        if label not in methods or label == "dense":
+            raise ValueError(f"--budget {spec!r}: no searched plan {label!r} in the results")
+        if res["budgets"].setdefault(label, float(d)) != float(d):
+            raise ValueError(f"--budget {spec!r}: the results record {label} as searched at {res['budgets'][label]}")
     header = "Merged from " + ", ".join(f"`{name}`" for name, _ in runs) + " (`mixattn report`)."
-    table = write(res, Path(a.out), pairs=pairs or None, verdicts=searched_verdicts(res), header=header)
-    print(table)
+    texts, lines = [], searched_verdicts(res)
+    atomic_dir(out, lambda tmp: texts.append(write(res, tmp, pairs=pairs or None, verdicts=lines, header=header)))
+    print(texts[0])
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"\nresults: {a.out}/results.md, results.json, *.png")

@@ -65,8 +65,9 @@ def plot_heatmap(results, path) -> None:
     import numpy as np
 
     plt = _plt()
-    methods, lengths, _ = _order(results)
+    _, lengths, _ = _order(results)
     recs = results["retrieval"]
+    methods = list(dict.fromkeys(r["method"] for r in recs))  # a panel per method with prompts scored
     depths = sorted({r["depth"] for r in recs})
     cols = min(4, len(methods))
     rows = -(-len(methods) // cols)

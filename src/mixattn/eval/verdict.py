@@ -30,6 +30,10 @@ def _caveat(results, lengths, dense) -> str:
     return f" (INCONCLUSIVE: {'; '.join(notes)})" if notes else ""
 
 
+def _span(lengths) -> str:
+    return "/".join(f"{N // 1024}k" if N % 1024 == 0 else str(N) for N in lengths)
+
+
 def _mean_acc(c, method, lengths):
     accs = [c[(method, "all", N)]["acc"] for N in lengths if (method, "all", N) in c]
     return (sum(accs) / len(accs)) if accs else None, sum(c[(method, "all", N)]["n"] for N in lengths if (method, "all", N) in c)
@@ -42,35 +46,45 @@ def verdicts(results, densities=(0.5, 0.25), labels: dict | None = None) -> list
     c = cells(results)
     lengths = sorted({r["length"] for r in results["retrieval"]})
     long_ = [N for N in lengths if N >= 2048] or lengths
-    span = "/".join(f"{N // 1024}k" for N in long_)
     out = []
-    dense, n_d = _mean_acc(c, "dense", long_)
     for d in densities:
         m, u = labels.get(d, (f"mixattn {d}", f"uniform {d}"))
-        acc, n = _mean_acc(c, m, long_)
-        uni, _ = _mean_acc(c, u, long_)
-        if acc is None:
+        if _mean_acc(c, m, long_)[0] is None:
             continue
+        # like with like: the means over the lengths every method in the line was scored at
+        both = lambda *ms: [N for N in long_ if all((x, "all", N) in c for x in ms)]  # noqa: E731
+        with_dense = both(m, "dense")
+        dense = _mean_acc(c, "dense", with_dense)[0] if with_dense else None
         if d == 0.5 and dense is None:  # judged against dense: without it, not against the 0.25 target
-            out.append(f"density 0.5: {m} {acc:.2f} over {span} (n={n}); dense not evaluated in this run -> NOT SHOWN")
+            acc, n = _mean_acc(c, m, long_)
+            out.append(f"density 0.5: {m} {acc:.2f} over {_span(long_)} (n={n}); dense not evaluated in this run -> NOT SHOWN")
         elif d == 0.5:
+            acc, n = _mean_acc(c, m, with_dense)
             ratio = acc / dense if dense else float("inf")
             below = [N for N in lengths if (u, "all", N) in c and (m, "all", N) in c
                      and c[(m, "all", N)]["acc"] < c[(u, "all", N)]["acc"]]  # fmt: skip
+            uni = _mean_acc(c, u, long_)[0]
             ok = ratio >= 0.9 and not below and uni is not None
-            p = paired(results, m, "dense", long_)["p"]
+            p = paired(results, m, "dense", with_dense)["p"]
             vs_u = f"below uniform at {', '.join(map(str, below)) if below else 'no length'}" if uni is not None else (
                 "uniform not evaluated (the second half of the target is not shown)")  # fmt: skip
-            out.append(f"density 0.5: {m} {acc:.2f} vs dense {dense:.2f} over {span} (n={n} each; ratio {ratio:.2f}, "
-                       f"target >= 0.90; paired p={p:.2g}); {vs_u} -> {'MET' if ok else 'NOT MET'}"
-                       + _caveat(results, long_, dense))  # fmt: skip
-        elif uni is not None:
+            out.append(f"density 0.5: {m} {acc:.2f} vs dense {dense:.2f} over {_span(with_dense)} (n={n} each; "
+                       f"ratio {ratio:.2f}, target >= 0.90; paired p={p:.2g}); {vs_u} -> {'MET' if ok else 'NOT MET'}"
+                       + _caveat(results, with_dense, dense))  # fmt: skip
+        elif not both(m, u):
+            acc, n = _mean_acc(c, m, long_)
+            out.append(f"density {d}: {m} {acc:.2f} over {_span(long_)} (n={n}); {u} not evaluated -> NOT SHOWN")
+        else:
+            common = both(m, u)
+            acc, n = _mean_acc(c, m, common)
+            uni = _mean_acc(c, u, common)[0]
+            dense_c = _mean_acc(c, "dense", common)[0] if both(m, u, "dense") == common else None
             ratio = f"{acc / uni:.2f}" if uni else "undefined (uniform 0)"
-            p = paired(results, m, u, long_)["p"]
+            p = paired(results, m, u, common)["p"]
             ok = acc >= 2 * uni if uni else acc > 0
-            out.append(f"density {d}: {m} {acc:.2f} vs {u} {uni:.2f} over {span} (n={n} each; ratio {ratio}, "
-                       f"target >= 2; paired p={p:.2g}); vs dense {dense if dense is None else f'{dense:.2f}'} -> "
-                       f"{'MET' if ok else 'NOT MET'}" + _caveat(results, long_, dense))  # fmt: skip
+            out.append(f"density {d}: {m} {acc:.2f} vs {u} {uni:.2f} over {_span(common)} (n={n} each; ratio {ratio}, "
+                       f"target >= 2; paired p={p:.2g}); vs dense {dense_c if dense_c is None else f'{dense_c:.2f}'} -> "
+                       f"{'MET' if ok else 'NOT MET'}" + _caveat(results, common, dense_c))  # fmt: skip
     ppl = results.get("ppl", {})
     half = labels.get(0.5, ("mixattn 0.5",))[0]
     if "dense" in ppl and half in ppl:
