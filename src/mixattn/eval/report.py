@@ -113,7 +113,8 @@ def density_table(results) -> str:
         row = {"method": m}
         for N in lengths:
             ds = [r["density"] for r in results["retrieval"] if r["method"] == m and r["length"] == N]
-            row[N] = f"{sum(ds) / len(ds):.3f}" if ds else f"{results['density'].get(m, {}).get(N, float('nan')):.3f}"
+            planned = results["density"].get(m, {})  # lengths are ints in memory, strings once read back from JSON
+            row[N] = f"{sum(ds) / len(ds):.3f}" if ds else f"{planned.get(N, planned.get(str(N), float('nan'))):.3f}"
         rows.append(row)
     return markdown_table(rows, [("method", "method")] + [(N, f"KV density @{N}") for N in lengths])
 
