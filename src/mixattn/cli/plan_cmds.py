@@ -143,7 +143,9 @@ def cmd_eval(a) -> int:
                 print("warning: none of the journal's prompts match these flags; give the --plan, --baseline, "
                       "--tasks, --lengths and --full of the eval that writes it", file=sys.stderr)  # fmt: skip
         out = Path(a.out) / "so-far" if a.so_far else Path(a.out)
-        res["budgets"] = {n: plans[n].meta["budget"] for n in given if (plans[n].meta or {}).get("budget") is not None}
+        # the density each evaluated plan was searched at (``mixattn report`` reads it for the verdict lines)
+        searched = {n: (plans[n].meta or {}).get("budget") for n in given if n in plans}  # --only-baselines drops them
+        res["budgets"] = {n: d for n, d in searched.items() if d is not None}
         table = write(res, out, pairs=pairs or None, verdicts=searched_verdicts(res))
     print(table)
     print(f"\nresults: {out}/results.md, results.json, *.png")
