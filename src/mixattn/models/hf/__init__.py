@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from ...paths import cache_dir, locked
+from ...paths import cache_dir, content_digest, locked
 from .. import checkpoint
 from ..decoder import MixtureLM
 from .gguf import load_gguf
@@ -41,20 +41,25 @@ def embedded_dir(name: str) -> Path:
     gguf_path = embedded_gguf(name)
     stat = gguf_path.stat()
     stamp = {"source": str(gguf_path), "source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns}
-    if not _converted(target, stamp):
+    if not _converted(target, stamp, gguf_path):
         with locked(target.parent, wait=True):  # one converter at a time; the others wait, then reuse
-            if not _converted(target, stamp):
-                _convert(name, gguf_path, target, stamp)
+            if not _converted(target, stamp, gguf_path):
+                _convert(name, gguf_path, target, {**stamp, "source_digest": content_digest(gguf_path)})
     return target
 
 
-def _converted(target: Path, stamp: dict) -> bool:
+def _converted(target: Path, stamp: dict, gguf_path: Path | None = None) -> bool:
     """Whether ``target`` holds a conversion of exactly this GGUF (a reinstalled or upgraded package
-    invalidates it)."""
+    invalidates it). The same file (path, size, mtime) is recognised without reading it; another
+    install of the same bytes (a second virtual environment sharing the cache) by their digest, so
+    two installs do not convert in turn."""
     if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
         return False
     meta = json.loads((target / "config.json").read_text())
-    return all(meta.get(k) == v for k, v in stamp.items())
+    if all(meta.get(k) == v for k, v in stamp.items()):
+        return True
+    return (gguf_path is not None and "source_digest" in meta and meta.get("source_size") == stamp["source_size"]
+            and meta["source_digest"] == content_digest(gguf_path))  # fmt: skip
 
 
 def _convert(name: str, gguf_path: Path, target: Path, stamp: dict) -> None:
