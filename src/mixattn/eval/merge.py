@@ -114,7 +114,8 @@ def _close(a, b) -> bool:
 def merge(runs: list[tuple[str, dict]]) -> tuple[dict, list[tuple[str, str]], list[str]]:
     """Join eval results: ``runs`` is [(name, results)], in the order their rows should appear.
     -> (results, pairs, notes): one results dict (retrieval, density, ppl, speed, budgets), the
-    union of the runs' paired comparisons, and notes on what was dropped. Raises ValueError naming
+    union of the runs' paired comparisons plus every scored method against dense (a ``--no-dense``
+    run's plan meets another run's dense rows here), and notes on what was dropped. Raises ValueError naming
     the run and the record where two runs disagree."""
     if not runs:
         raise ValueError("nothing to merge: give at least one eval results folder")
