@@ -86,7 +86,7 @@ def plot_heatmap(results, path) -> None:
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_title(m if len(m) <= 12 else "\n".join(m.rsplit(" ", 1)), fontsize=9)  # "label\ndensity"
         ax.set_xticks(range(len(lengths)), [f"{N // 1024}k" if N % 1024 == 0 else str(N) for N in lengths], fontsize=8)
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
         ax.set_xlabel("length", fontsize=8)
     for ax in axes.flat[len(methods) :]:
         ax.axis("off")
