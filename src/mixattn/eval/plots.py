@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..metrics.stats import proportion
 from ..paths import save_figure
-from .report import _order, cells
+from .report import _order, cells, length_label
 
 
 def _plt():
@@ -45,7 +45,7 @@ def plot_accuracy(results, path) -> None:
                         color=colors(mi % 10), label=m)  # fmt: skip
         n = sorted({c[(m, t, N)]["n"] for m in methods for N in lengths if (m, t, N) in c})
         ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [f"{N // 1024}k" if N % 1024 == 0 else str(N) for N in lengths])
+        ax.set_xticks(lengths, [length_label(N) for N in lengths])
         ax.minorticks_off()
         ax.set(ylim=(-0.04, 1.04), title=f"{t} (n = {'/'.join(map(str, n))} per point)", xlabel="context length")
         ax.grid(alpha=0.3)
@@ -85,7 +85,7 @@ def plot_heatmap(results, path) -> None:
                     ax.text(li, di, f"{p['k']}/{p['n']}", ha="center", va="center", fontsize=7)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_title(m if len(m) <= 12 else "\n".join(m.rsplit(" ", 1)), fontsize=9)  # "label\ndensity"
-        ax.set_xticks(range(len(lengths)), [f"{N // 1024}k" if N % 1024 == 0 else str(N) for N in lengths], fontsize=8)
+        ax.set_xticks(range(len(lengths)), [length_label(N) for N in lengths], fontsize=8)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
         ax.set_xlabel("length", fontsize=8)
     for ax in axes.flat[len(methods) :]:

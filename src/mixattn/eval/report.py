@@ -37,6 +37,11 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def length_label(N: int) -> str:
+    """A context length as the tables and plots name it: 4096 -> "4k", 1000 -> "1000"."""
+    return f"{N // 1024}k" if N % 1024 == 0 else str(N)
+
+
 def _order(results) -> tuple[list, list, list]:
     recs = results["retrieval"]
     methods = list(dict.fromkeys([*results.get("density", {}), *(r["method"] for r in recs)]))

@@ -15,7 +15,7 @@ retrieves almost nothing, is marked as inconclusive: it compares point estimates
 from __future__ import annotations
 
 from ..metrics.stats import paired_ratio
-from .report import cells, paired
+from .report import cells, length_label, paired
 
 FULL_N = 20  # prompts per (task, length) cell in the full grid
 
@@ -31,7 +31,7 @@ def _caveat(results, lengths, dense) -> str:
 
 
 def _span(lengths) -> str:
-    return "/".join(f"{N // 1024}k" if N % 1024 == 0 else str(N) for N in lengths)
+    return "/".join(map(length_label, lengths))
 
 
 def _mean_acc(c, method, lengths):
