@@ -26,8 +26,8 @@ AGREE = ("seed", "generated", "hit")  # what must match where two runs scored th
 
 
 def read(src: str | Path) -> tuple[str, dict]:
-    """(name, results) from an eval folder (its ``results.json``) or a results.json path, checked
-    (``check``): lengths as ints, whatever JSON made of them."""
+    """(name, results) from an eval folder (its ``results.json``) or a results.json path, as parsed;
+    ``merge`` checks it (``check``)."""
     p = Path(src)
     f = p / "results.json" if p.is_dir() else p
     if not f.is_file():
@@ -37,7 +37,7 @@ def read(src: str | Path) -> tuple[str, dict]:
         res = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{f}: not JSON ({e})") from None
-    return str(f), check(str(f), res)
+    return str(f), res
 
 
 def _fail(name: str, where: str, want: str, got) -> ValueError:

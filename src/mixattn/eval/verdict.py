@@ -47,12 +47,14 @@ def verdicts(results, densities=(0.5, 0.25), labels: dict | None = None) -> list
     lengths = sorted({r["length"] for r in results["retrieval"]})
     long_ = [N for N in lengths if N >= 2048] or lengths
     out = []
+
+    def both(*ms) -> list[int]:  # like with like: the lengths every method in a line was scored at
+        return [N for N in long_ if all((x, "all", N) in c for x in ms)]
+
     for d in densities:
         m, u = labels.get(d, (f"mixattn {d}", f"uniform {d}"))
         if _mean_acc(c, m, long_)[0] is None:
             continue
-        # like with like: the means over the lengths every method in the line was scored at
-        both = lambda *ms: [N for N in long_ if all((x, "all", N) in c for x in ms)]  # noqa: E731
         with_dense = both(m, "dense")
         dense = _mean_acc(c, "dense", with_dense)[0] if with_dense else None
         if d == 0.5 and dense is None:  # judged against dense: without it, not against the 0.25 target
